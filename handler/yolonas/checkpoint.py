@@ -1,0 +1,292 @@
+"""Reading the checkpoints users have, without ever running code from them.
+
+Accepted layouts:
+- super-gradients: ``{"net": sd}``, Trainer checkpoints ``{"net": sd, "ema_net": sd, "processing_params": ..., ...}``
+  (EMA weights win, as in super-gradients), or a bare state dict;
+- Ultralytics ``yolo_nas_*.pt``: a whole pickled super-gradients model object.
+
+Everything is first read with ``torch.load(weights_only=True)``. Only when that refuses (a pickled model object)
+do we fall back to :class:`RestrictedUnpickler`, which rebuilds tensors and plain containers and turns every object
+of an allow-listed module into an inert :class:`PickledObject` record; any other global is refused. Nothing that a
+file names is ever imported or called, so super_gradients need not be installed and a crafted pickle cannot run
+code.
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .fusion import fuse_model
+from .model import YoloNAS, build_model
+from .variants import VARIANTS
+
+#  Modules whose objects may appear in a pickled model; they become inert records, never real objects.
+STUB_MODULE_PREFIXES = ("super_gradients.", "ultralytics.", "torch.nn.modules.", "omegaconf.", "numpy", "enum")
+
+#  Globals that are real and safe: tensor rebuilding and plain containers (what torch's weights_only also allows).
+SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+    ("torch", "Size"): torch.Size,
+    ("torch", "device"): torch.device,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("builtins", "complex"): complex,
+}
+
+STATE_DICT_KEYS = ("ema_net", "net", "state_dict", "model_state_dict", "model", "ema")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a YOLO-NAS checkpoint we can read; the message says what was expected and found."""
+
+
+class PickledObject:
+    """Inert stand-in for an object of an allow-listed class: it only records what the pickle gave it."""
+
+    _pickled_class = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.kwargs = kwargs
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<pickled {self._pickled_class}>"
+
+
+def _stub_class(module: str, name: str) -> type:
+    return type(name, (PickledObject,), {"_pickled_class": f"{module}.{name}", "__module__": "yolonas.pickled"})
+
+
+def _safe_reconstructor(cls: Any, base: Any, state: Any) -> Any:
+    if not (isinstance(cls, type) and issubclass(cls, PickledObject)):
+        raise pickle.UnpicklingError(f"refused to reconstruct {cls!r}")
+    return cls()
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that only resolves allow-listed globals; see the module docstring."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stubs: dict[tuple[str, str], type] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in SAFE_GLOBALS:
+            return SAFE_GLOBALS[module, name]
+        if module == "copyreg" and name == "_reconstructor":
+            return _safe_reconstructor
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module.startswith(STUB_MODULE_PREFIXES) or module in ("numpy", "enum"):
+            key = (module, name)
+            if key not in self._stubs:
+                self._stubs[key] = _stub_class(module, name)
+            return self._stubs[key]
+        raise pickle.UnpicklingError(f"refused to load global {module}.{name}: it is not on the allow-list")
+
+
+#  torch.load(pickle_module=...) wants a module-like object with an Unpickler class and load().
+_restricted_pickle = types.SimpleNamespace(
+    Unpickler=RestrictedUnpickler,
+    load=lambda f, **kw: RestrictedUnpickler(f, **kw).load(),
+    __name__="yolonas_restricted_pickle",
+)
+
+
+def _module_state_dict(obj: PickledObject, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The state dict an ``nn.Module`` would produce, read from its pickled ``__dict__``."""
+    state = obj.state if isinstance(obj.state, dict) else {}
+    result: dict[str, torch.Tensor] = {}
+    for name, tensor in (state.get("_parameters") or {}).items():
+        if tensor is not None:
+            result[prefix + name] = tensor.detach()
+    non_persistent = state.get("_non_persistent_buffers_set") or set()
+    for name, tensor in (state.get("_buffers") or {}).items():
+        if tensor is not None and name not in non_persistent:
+            result[prefix + name] = tensor
+    for name, child in (state.get("_modules") or {}).items():
+        if isinstance(child, PickledObject):
+            result.update(_module_state_dict(child, f"{prefix}{name}."))
+    return result
+
+
+def _is_pickled_module(obj: Any) -> bool:
+    return isinstance(obj, PickledObject) and isinstance(obj.state, dict) and "_modules" in obj.state
+
+
+def _load_file(path: Path) -> tuple[Any, str]:
+    """Returns the unpickled root object and how it was read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), "weights_only"
+    except pickle.UnpicklingError:
+        pass  # a pickled object: retry below with the allow-list, never with the full unpickler
+    except Exception as exc:  # torch raises RuntimeError for non-zip, truncated or foreign files
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle), "restricted"
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
+def _plain(obj: Any) -> Any:
+    """Plain Python data (dicts, lists, strings, numbers) from unpickled params; records become None."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return None
+
+
+def _pickled_model_params(state: dict[str, Any]) -> dict[str, Any] | None:
+    """Class names and NMS defaults that super-gradients stores on a model object.
+
+    Its image processor is pickled as objects, which stay inert records here; the COCO pipeline applies instead.
+    """
+    params = {
+        "class_names": state.get("_class_names"),
+        "iou": state.get("_default_nms_iou"),
+        "conf": state.get("_default_nms_conf"),
+    }
+    params = {k: v for k, v in params.items() if isinstance(v, (list, tuple, float, int))}
+    return params or None
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, dict):
+        keys = list(obj)[:5]
+        return f"a dict with {len(obj)} keys such as {keys}"
+    return f"an object of type {type(obj).__name__}"
+
+
+def _find_state_dict(root: Any) -> tuple[dict[str, torch.Tensor], str]:
+    if _is_pickled_module(root):
+        return _module_state_dict(root), "pickled model object"
+    if isinstance(root, dict):
+        for key in STATE_DICT_KEYS:
+            value = root.get(key)
+            if _is_pickled_module(value):
+                return _module_state_dict(value), f"pickled model object under {key!r}"
+            if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+                return dict(value), f"state dict under {key!r}"
+        if root and all(isinstance(v, torch.Tensor) for v in root.values()):
+            return dict(root), "bare state dict"
+    raise CheckpointError(
+        f"expected a YOLO-NAS checkpoint ({{'net': state_dict}}, {{'ema_net': ...}}, a bare state dict or a pickled "
+        f"super-gradients model); found {_describe(root)}"
+    )
+
+
+def _strip_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DataParallel / DDP checkpoints prefix every key with ``module.``."""
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k.removeprefix("module."): v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _reference_shapes(variant: str, num_classes: int) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = build_model(variant, num_classes)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def infer_architecture(state_dict: dict[str, torch.Tensor]) -> tuple[str, int]:
+    """(variant, num_classes) read from tensor names and shapes."""
+    cls_key = "heads.head1.cls_pred.weight"
+    if cls_key not in state_dict:
+        found = list(state_dict)[:3]
+        raise CheckpointError(f"expected YOLO-NAS weights with key {cls_key!r}; found {len(state_dict)} keys like {found}")
+    num_classes = int(state_dict[cls_key].shape[0])
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    for variant in VARIANTS:
+        if _reference_shapes(variant, num_classes) == shapes:
+            return variant, num_classes
+    counts = {v: len(_reference_shapes(v, num_classes)) for v in VARIANTS}
+    raise CheckpointError(
+        f"the weights match no YOLO-NAS variant: expected the keys and shapes of S, M or L "
+        f"({counts['s']}/{counts['m']}/{counts['l']} keys); found {len(state_dict)} keys"
+    )
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds that matters for serving."""
+
+    state_dict: dict[str, torch.Tensor]
+    variant: str
+    num_classes: int
+    processing_params: dict[str, Any] | None = None
+    source: str = ""
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read weights, architecture and (for Trainer checkpoints) ``processing_params`` from ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    root, how = _load_file(path)
+    state_dict, layout = _find_state_dict(root)
+    state_dict = _strip_prefix(state_dict)
+    variant, num_classes = infer_architecture(state_dict)
+    params = root.get("processing_params") if isinstance(root, dict) else None
+    if params is None and _is_pickled_module(root):
+        params = _pickled_model_params(root.state)
+    return Checkpoint(
+        state_dict=state_dict,
+        variant=variant,
+        num_classes=num_classes,
+        processing_params=_plain(params) if isinstance(params, dict) else None,
+        source=f"{layout}, read {how}",
+    )
+
+
+def load_model(
+    path: str | Path,
+    variant: str | None = None,
+    num_classes: int | None = None,
+    fuse: bool = True,
+    device: str | torch.device = "cpu",
+) -> YoloNAS:
+    """Load a YOLO-NAS checkpoint into an eval-mode model (fused for serving unless ``fuse=False``).
+
+    ``variant`` and ``num_classes`` are read from the tensors; when given they must agree with them.
+    """
+    ckpt = read_checkpoint(path)
+    if variant is not None and variant.lower().removeprefix("yolo_nas_") != ckpt.variant:
+        raise CheckpointError(f"{path}: expected YOLO-NAS {variant.upper()} weights; found {ckpt.variant.upper()}")
+    if num_classes is not None and num_classes != ckpt.num_classes:
+        raise CheckpointError(f"{path}: expected {num_classes} classes; found {ckpt.num_classes}")
+    return model_from_state_dict(ckpt.state_dict, ckpt.variant, ckpt.num_classes, fuse=fuse, device=device)
+
+
+def model_from_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    variant: str,
+    num_classes: int,
+    fuse: bool = True,
+    device: str | torch.device = "cpu",
+) -> YoloNAS:
+    model = build_model(variant, num_classes)
+    model.load_state_dict(state_dict, strict=True)
+    model.eval()
+    if fuse:
+        fuse_model(model)
+    return model.to(device)

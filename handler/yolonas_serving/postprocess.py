@@ -1,0 +1,84 @@
+"""Network output -> detections: threshold, top-k, class-aware NMS, keep max_det, map back, clip.
+
+Follows super-gradients' PPYoloE post-prediction callback (multi-label by default) so results match its predict().
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision
+
+from .pipeline import BoxTransform
+
+
+@dataclass(frozen=True)
+class NMSOptions:
+    conf: float = 0.25
+    iou: float = 0.7
+    pre_nms_top_k: int = 1024
+    max_det: int = 300
+    multi_label: bool = True
+    class_agnostic: bool = False
+    classes: tuple[int, ...] | None = None  # keep only these class ids (applied before top-k)
+
+
+@dataclass
+class Detections:
+    """Detections of one image, sorted by score (highest first). Boxes xyxy float32."""
+
+    boxes: np.ndarray  # [N, 4]
+    scores: np.ndarray  # [N]
+    class_ids: np.ndarray  # [N] int64
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def select(boxes: torch.Tensor, scores: torch.Tensor, options: NMSOptions) -> tuple[torch.Tensor, ...]:
+    """NMS for one image: boxes [A, 4], scores [A, C] -> (boxes [N, 4], scores [N], class ids [N])."""
+    boxes, scores = boxes.float(), scores.float()
+    if options.classes is not None:
+        keep_classes = torch.zeros(scores.shape[1], dtype=torch.bool, device=scores.device)
+        keep_classes[list(options.classes)] = True
+        scores = scores.masked_fill(~keep_classes, 0.0)
+    if options.multi_label:
+        anchor, label = (scores > options.conf).nonzero(as_tuple=True)
+        conf = scores[anchor, label]
+    else:
+        conf, label = scores.max(dim=1)
+        anchor = (conf >= options.conf).nonzero(as_tuple=True)[0]
+        conf, label = conf[anchor], label[anchor]
+    if conf.numel() > options.pre_nms_top_k:
+        top = torch.topk(conf, options.pre_nms_top_k).indices
+        anchor, label, conf = anchor[top], label[top], conf[top]
+    candidates = boxes[anchor]
+    if options.class_agnostic:
+        keep = torchvision.ops.nms(candidates, conf, options.iou)
+    else:
+        keep = torchvision.ops.batched_nms(candidates, conf, label, options.iou)
+    keep = keep[: options.max_det]
+    return candidates[keep], conf[keep], label[keep]
+
+
+def to_original(
+    boxes: torch.Tensor, scores: torch.Tensor, class_ids: torch.Tensor, transform: BoxTransform, clip: bool = True
+) -> Detections:
+    """Map network-input boxes back onto the original image and clip them to it (after NMS, as super-gradients)."""
+    mapped = transform.to_original(boxes.cpu().numpy())
+    if clip:
+        width, height = transform.original_size
+        np.clip(mapped[:, 0::2], 0, width, out=mapped[:, 0::2])
+        np.clip(mapped[:, 1::2], 0, height, out=mapped[:, 1::2])
+    return Detections(mapped, scores.cpu().numpy().astype(np.float32), class_ids.cpu().numpy().astype(np.int64))
+
+
+def postprocess(
+    boxes: torch.Tensor, scores: torch.Tensor, transforms: list[BoxTransform], options: list[NMSOptions]
+) -> list[Detections]:
+    """Batch version: boxes [B, A, 4], scores [B, A, C], one transform and one option set per image."""
+    return [
+        to_original(*select(boxes[i], scores[i], options[i]), transforms[i]) for i in range(len(transforms))
+    ]
