@@ -1,0 +1,73 @@
+"""TorchServe handler for YOLO-NAS: a thin shell over yolonas_serving.Detector.
+
+It adapts TorchServe's calling convention (initialize, handle, per-item statuses, metrics) and nothing more; the
+archive holds this file, the ``yolonas`` and ``yolonas_serving`` packages, the weights and model-config.yaml.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from yolonas_serving.classes import load_names
+from ts.metrics.metric_type_enum import MetricTypes
+
+from yolonas_serving.detector import Detector, Timings
+from yolonas_serving.pipeline import Pipeline
+from yolonas_serving.runtime import build_runtime
+from yolonas_serving.settings import HandlerSettings
+
+logger = logging.getLogger(__name__)
+
+
+class YoloNASHandler:
+    def __init__(self) -> None:
+        self.detector: Detector | None = None
+        self.initialized = False
+
+    def initialize(self, context: Any) -> None:
+        properties = context.system_properties
+        model_dir = properties["model_dir"]
+        config = context.model_yaml_config or {}
+        settings = HandlerSettings.from_config(config.get("handler"))
+        threads = settings.threads(int(config.get("maxWorkers", config.get("minWorkers", 1))))
+        torch.set_num_threads(threads)
+        gpu_id = properties.get("gpu_id")
+        device = f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu"
+        weights = os.path.join(model_dir, context.manifest["model"]["serializedFile"])
+        runtime = build_runtime(settings.backend, weights, settings.variant, settings.num_classes, device)
+        self.detector = Detector(
+            runtime=runtime,
+            pipeline=Pipeline.from_spec(settings.pipeline),
+            names=load_names(model_dir, settings.num_classes),
+            model_name=context.model_name,
+            defaults=settings.nms_options(),
+            limits=settings.decode_limits(),
+        )
+        logger.info("YOLO-NAS %s ready: backend %s on %s, %d threads", context.model_name, settings.backend, device, threads)
+        self.initialized = True
+
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[str | bytes]:
+        headers = [context.get_all_request_header(i) for i in range(len(data))]
+        responses, timings = self.detector.handle(data, headers)
+        for i, response in enumerate(responses):
+            context.set_response_content_type(i, response.content_type)
+            if response.status != 200:
+                context.set_response_status(response.status, response.error or "", idx=i)
+        _record_metrics(context.metrics, len(data), timings)
+        return [response.body for response in responses]
+
+
+def _record_metrics(metrics: Any, batch_size: int, timings: Timings) -> None:
+    """Per batch: stage times and batch size (gauges); images and detections (counters: their ratio is the
+    mean number of detections per image)."""
+    metrics.add_time("YoloNASPreprocessMs", timings.preprocess_ms)
+    metrics.add_time("YoloNASInferenceMs", timings.inference_ms)
+    metrics.add_time("YoloNASPostprocessMs", timings.postprocess_ms)
+    metrics.add_metric("YoloNASBatchSize", batch_size, unit="count", metric_type=MetricTypes.GAUGE)
+    metrics.add_counter("YoloNASImages", len(timings.detections))
+    metrics.add_counter("YoloNASDetections", sum(timings.detections))
+    logger.info("batch of %d, %d images answered", batch_size, len(timings.detections))

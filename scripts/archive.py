@@ -1,0 +1,186 @@
+"""Build TorchServe archives (.mar) for YOLO-NAS.
+
+    python scripts/archive.py --variant s --weights weights/yolo_nas_s_coco.pth --export-path model_store
+    python scripts/archive.py --variant s --random-weights 0 --export-path model_store
+    python scripts/archive.py --all --random-weights 0
+
+The archive holds the handler, the ``yolonas`` and ``yolonas_serving`` packages, the weights (re-saved as a plain
+``{"net": state_dict}``, whatever the input format), ``index_to_name.json`` and a ``model-config.yaml`` whose
+``handler:`` section records every choice: preprocessing pipeline, class count, thresholds, backend. A Trainer
+checkpoint's ``processing_params`` (pipeline, class names, conf, iou) are honoured; flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from common import HANDLER_DIR, MODEL_STORE
+
+from yolonas import read_checkpoint, save_random_checkpoint
+from yolonas.checkpoint import Checkpoint
+from yolonas_serving.classes import INDEX_TO_NAME, default_names, names_to_mapping, read_names_file
+from yolonas_serving.pipeline import COCO_PIPELINE, Pipeline
+from yolonas_serving.settings import HandlerSettings
+
+HANDLER_FILE = HANDLER_DIR / "yolo_nas_handler.py"
+PACKAGES = ("yolonas", "yolonas_serving")
+WEIGHTS_NAME = "weights.pth"
+
+#  Serving defaults measured on a 2-core CPU (see README, "Batching"): one worker using every core, small batches
+#  that fill under load without holding a lone request long.
+DEFAULT_BATCH_SIZE = 4
+DEFAULT_MAX_BATCH_DELAY_MS = 5
+DEFAULT_WORKERS = 1
+RESPONSE_TIMEOUT_S = {"s": 60, "m": 120, "l": 120}
+
+
+@dataclass
+class ArchiveSpec:
+    variant: str
+    name: str
+    settings: HandlerSettings
+    names: list[str]
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_batch_delay: int = DEFAULT_MAX_BATCH_DELAY_MS
+    workers: int = DEFAULT_WORKERS
+
+
+def resolve_settings(ckpt: Checkpoint, args: argparse.Namespace) -> tuple[HandlerSettings, list[str]]:
+    """Pipeline, names and thresholds: the checkpoint's processing_params first, then command-line overrides."""
+    params = ckpt.processing_params or {}
+    if "image_processor" in params:
+        pipeline = Pipeline.from_processing_params(params)
+        source = "checkpoint processing_params"
+    else:
+        pipeline = COCO_PIPELINE
+        source = "super-gradients COCO defaults (the checkpoint has no processing_params)"
+    if args.input_size:
+        pipeline = pipeline.with_input_size(*args.input_size)
+        source += f", input size overridden to {args.input_size[0]}x{args.input_size[1]}"
+    if args.padding:
+        pipeline = pipeline.with_padding(args.padding)
+        source += f", padding overridden to {args.padding}"
+    names = default_names(ckpt.num_classes)
+    if params.get("class_names"):
+        names = [str(n) for n in params["class_names"]]
+    if args.names:
+        names = read_names_file(args.names)
+    if len(names) != ckpt.num_classes:
+        raise SystemExit(f"{len(names)} class names for a model with {ckpt.num_classes} classes")
+    settings = HandlerSettings(
+        variant=ckpt.variant,
+        num_classes=ckpt.num_classes,
+        backend=args.backend,
+        pipeline=pipeline.to_spec(),
+        preprocessing_source=source,
+        conf=args.conf if args.conf is not None else float(params.get("conf", HandlerSettings.conf)),
+        iou=args.iou if args.iou is not None else float(params.get("iou", HandlerSettings.iou)),
+    )
+    return settings, names
+
+
+def model_config(spec: ArchiveSpec) -> dict:
+    return {
+        "minWorkers": spec.workers,
+        "maxWorkers": spec.workers,
+        "batchSize": spec.batch_size,
+        "maxBatchDelay": spec.max_batch_delay,
+        "responseTimeout": RESPONSE_TIMEOUT_S[spec.variant],
+        "handler": spec.settings.as_config(),
+    }
+
+
+def build_archive(ckpt: Checkpoint, spec: ArchiveSpec, export_path: Path) -> Path:
+    """Stage the archive's files and run torch-model-archiver; returns the .mar path."""
+    export_path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = Path(tmp)
+        extra = stage / "extra"
+        for package in PACKAGES:
+            shutil.copytree(HANDLER_DIR / package, extra / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        (extra / INDEX_TO_NAME).write_text(json.dumps(names_to_mapping(spec.names), indent=1))
+        torch.save({"net": ckpt.state_dict}, stage / WEIGHTS_NAME)
+        config = stage / "model-config.yaml"
+        config.write_text(yaml.safe_dump(model_config(spec), sort_keys=False))
+        command = [
+            "torch-model-archiver", "--model-name", spec.name, "--version", "1.0",
+            "--serialized-file", str(stage / WEIGHTS_NAME), "--handler", str(HANDLER_FILE),
+            "--extra-files", str(extra), "--config-file", str(config),
+            "--export-path", str(export_path), "--force",
+        ]  # fmt: skip
+        subprocess.run(command, check=True)
+    return export_path / f"{spec.name}.mar"
+
+
+def load_or_make_checkpoint(args: argparse.Namespace, variant: str, tmp: Path) -> Checkpoint:
+    if args.weights:
+        ckpt = read_checkpoint(args.weights)
+        if ckpt.variant != variant:
+            raise SystemExit(f"{args.weights} holds YOLO-NAS {ckpt.variant.upper()} weights, not {variant.upper()}")
+        return ckpt
+    path = save_random_checkpoint(tmp / f"random_{variant}.pth", variant, args.num_classes, args.random_weights)
+    print(f"WARNING: {variant.upper()} uses seeded random weights (seed {args.random_weights}): its detections are "
+          "meaningless", file=sys.stderr)
+    return read_checkpoint(path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--variant", choices=["s", "m", "l"])
+    which.add_argument("--all", action="store_true", help="build S, M and L")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", type=Path, help="a super-gradients or Ultralytics checkpoint")
+    source.add_argument("--random-weights", type=int, metavar="SEED", help="seeded random weights (offline demos, tests)")
+    parser.add_argument("--num-classes", type=int, default=80, help="with --random-weights")
+    parser.add_argument("--names", type=Path, help="class names: JSON list, index_to_name mapping or one per line")
+    parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="network input (multiples of 32)")
+    parser.add_argument("--padding", choices=["center", "bottom-right"])
+    parser.add_argument("--conf", type=float)
+    parser.add_argument("--iou", type=float)
+    parser.add_argument("--backend", default="torch", help="inference backend (see README)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--max-batch-delay", type=int, default=DEFAULT_MAX_BATCH_DELAY_MS, help="milliseconds")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
+    parser.add_argument("--model-name", help="archive/model name (default yolo_nas_<variant>)")
+    parser.add_argument("--export-path", type=Path, default=MODEL_STORE)
+    args = parser.parse_args(argv)
+    if args.all and (args.weights or args.model_name):
+        parser.error("--all builds from --random-weights; give --variant with --weights or --model-name")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    variants = ["s", "m", "l"] if args.all else [args.variant]
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in variants:
+            ckpt = load_or_make_checkpoint(args, variant, Path(tmp))
+            settings, names = resolve_settings(ckpt, args)
+            spec = ArchiveSpec(
+                variant=variant,
+                name=args.model_name or f"yolo_nas_{variant}",
+                settings=settings,
+                names=names,
+                batch_size=args.batch_size,
+                max_batch_delay=args.max_batch_delay,
+                workers=args.workers,
+            )
+            path = build_archive(ckpt, spec, args.export_path)
+            print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {ckpt.source}; preprocessing from "
+                  f"{settings.preprocessing_source}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

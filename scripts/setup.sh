@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv at the repo root with everything the scripts and tests need, and generate the gRPC stubs.
+# Idempotent: a second run only checks. Usage: bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -r requirements-dev.txt
+.venv/bin/python scripts/gen_grpc.py
+command -v java >/dev/null || echo "WARNING: java not found; TorchServe's frontend needs Java 17" >&2
