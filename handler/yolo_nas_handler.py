@@ -11,13 +11,10 @@ import os
 from typing import Any
 
 import torch
-
-from yolonas_serving.classes import load_names
 from ts.metrics.metric_type_enum import MetricTypes
 
+from yolonas_serving.classes import load_names
 from yolonas_serving.detector import Detector, Timings
-from yolonas_serving.pipeline import Pipeline
-from yolonas_serving.runtime import build_runtime
 from yolonas_serving.settings import HandlerSettings
 
 logger = logging.getLogger(__name__)
@@ -38,15 +35,8 @@ class YoloNASHandler:
         gpu_id = properties.get("gpu_id")
         device = f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu"
         weights = os.path.join(model_dir, context.manifest["model"]["serializedFile"])
-        runtime = build_runtime(settings.backend, weights, settings.variant, settings.num_classes, device)
-        self.detector = Detector(
-            runtime=runtime,
-            pipeline=Pipeline.from_spec(settings.pipeline),
-            names=load_names(model_dir, settings.num_classes),
-            model_name=context.model_name,
-            defaults=settings.nms_options(),
-            limits=settings.decode_limits(),
-        )
+        names = load_names(model_dir, settings.num_classes)
+        self.detector = Detector.from_settings(settings, weights, names, context.model_name, device)
         logger.info("YOLO-NAS %s ready: backend %s on %s, %d threads", context.model_name, settings.backend, device, threads)
         self.initialized = True
 

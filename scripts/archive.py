@@ -28,9 +28,8 @@ from common import HANDLER_DIR, MODEL_STORE
 
 from yolonas import read_checkpoint, save_random_checkpoint
 from yolonas.checkpoint import Checkpoint
-from yolonas_serving.classes import INDEX_TO_NAME, default_names, names_to_mapping, read_names_file
-from yolonas_serving.pipeline import COCO_PIPELINE, Pipeline
-from yolonas_serving.settings import HandlerSettings
+from yolonas_serving.classes import INDEX_TO_NAME, names_to_mapping, read_names_file
+from yolonas_serving.settings import HandlerSettings, settings_from_checkpoint
 
 HANDLER_FILE = HANDLER_DIR / "yolo_nas_handler.py"
 PACKAGES = ("yolonas", "yolonas_serving")
@@ -57,36 +56,20 @@ class ArchiveSpec:
 
 def resolve_settings(ckpt: Checkpoint, args: argparse.Namespace) -> tuple[HandlerSettings, list[str]]:
     """Pipeline, names and thresholds: the checkpoint's processing_params first, then command-line overrides."""
-    params = ckpt.processing_params or {}
-    if "image_processor" in params:
-        pipeline = Pipeline.from_processing_params(params)
-        source = "checkpoint processing_params"
-    else:
-        pipeline = COCO_PIPELINE
-        source = "super-gradients COCO defaults (the checkpoint has no processing_params)"
-    if args.input_size:
-        pipeline = pipeline.with_input_size(*args.input_size)
-        source += f", input size overridden to {args.input_size[0]}x{args.input_size[1]}"
-    if args.padding:
-        pipeline = pipeline.with_padding(args.padding)
-        source += f", padding overridden to {args.padding}"
-    names = default_names(ckpt.num_classes)
-    if params.get("class_names"):
-        names = [str(n) for n in params["class_names"]]
-    if args.names:
-        names = read_names_file(args.names)
-    if len(names) != ckpt.num_classes:
-        raise SystemExit(f"{len(names)} class names for a model with {ckpt.num_classes} classes")
-    settings = HandlerSettings(
-        variant=ckpt.variant,
-        num_classes=ckpt.num_classes,
-        backend=args.backend,
-        pipeline=pipeline.to_spec(),
-        preprocessing_source=source,
-        conf=args.conf if args.conf is not None else float(params.get("conf", HandlerSettings.conf)),
-        iou=args.iou if args.iou is not None else float(params.get("iou", HandlerSettings.iou)),
-    )
-    return settings, names
+    try:
+        return settings_from_checkpoint(
+            ckpt.num_classes,
+            ckpt.variant,
+            ckpt.processing_params,
+            input_size=tuple(args.input_size) if args.input_size else None,
+            padding=args.padding,
+            names=read_names_file(args.names) if args.names else None,
+            conf=args.conf,
+            iou=args.iou,
+            backend=args.backend,
+        )
+    except ValueError as exc:  # PipelineError included: an unknown step fails here, at archive time
+        raise SystemExit(f"cannot archive {ckpt.variant.upper()}: {exc}") from None
 
 
 def model_config(spec: ArchiveSpec) -> dict:

@@ -20,6 +20,8 @@ from .errors import RequestError
 from .pipeline import BoxTransform, Pipeline
 from .postprocess import Detections, NMSOptions, postprocess
 from .protocol import ImageRequest, parse_options, parse_request, render_json, render_v2
+from .runtime import build_runtime
+from .settings import HandlerSettings
 
 Runtime = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 
@@ -64,6 +66,21 @@ class Detector:
     model_name: str
     defaults: NMSOptions = NMSOptions()
     limits: DecodeLimits = DecodeLimits()
+
+    @classmethod
+    def from_settings(
+        cls, settings: HandlerSettings, weights: str, names: list[str], model_name: str, device: str = "cpu"
+    ) -> Detector:
+        """The detector an archive describes (its handler settings, weights file and class names)."""
+        runtime = build_runtime(settings.backend, weights, settings.variant, settings.num_classes, device)
+        return cls(
+            runtime=runtime,
+            pipeline=Pipeline.from_spec(settings.pipeline),
+            names=names,
+            model_name=model_name,
+            defaults=settings.nms_options(),
+            limits=settings.decode_limits(),
+        )
 
     def prepare(self, request: ImageRequest, accept: str | None = None) -> Prepared:
         options, response_format = parse_options(request.options, self.defaults, self.names, accept)

@@ -6,6 +6,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .classes import default_names
 from .decode import DecodeLimits
 from .pipeline import COCO_PIPELINE, Pipeline
 from .postprocess import NMSOptions
@@ -55,3 +56,45 @@ class HandlerSettings:
             return self.torch_threads
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return max(1, cores // max(1, max_workers))
+
+
+def settings_from_checkpoint(
+    num_classes: int,
+    variant: str,
+    processing_params: dict[str, Any] | None,
+    input_size: tuple[int, int] | None = None,
+    padding: str | None = None,
+    names: list[str] | None = None,
+    conf: float | None = None,
+    iou: float | None = None,
+    backend: str = "torch",
+) -> tuple[HandlerSettings, list[str]]:
+    """Settings and class names for a checkpoint: its ``processing_params`` (a Trainer checkpoint's pipeline, class
+    names, conf, iou) when present, else super-gradients' COCO defaults; explicit arguments override both."""
+    params = processing_params or {}
+    if "image_processor" in params:
+        pipeline = Pipeline.from_processing_params(params)
+        source = "checkpoint processing_params"
+    else:
+        pipeline = COCO_PIPELINE
+        source = "super-gradients COCO defaults (the checkpoint has no processing_params)"
+    if input_size:
+        pipeline = pipeline.with_input_size(*input_size)
+        source += f", input size overridden to {input_size[0]}x{input_size[1]}"
+    if padding:
+        pipeline = pipeline.with_padding(padding)
+        source += f", padding overridden to {padding}"
+    if names is None:
+        names = [str(n) for n in params["class_names"]] if params.get("class_names") else default_names(num_classes)
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for a model with {num_classes} classes")
+    settings = HandlerSettings(
+        variant=variant,
+        num_classes=num_classes,
+        backend=backend,
+        pipeline=pipeline.to_spec(),
+        preprocessing_source=source,
+        conf=conf if conf is not None else float(params.get("conf", DEFAULT_NMS.conf)),
+        iou=iou if iou is not None else float(params.get("iou", DEFAULT_NMS.iou)),
+    )
+    return settings, names
