@@ -37,6 +37,7 @@ class YoloNASHandler:
         weights = os.path.join(model_dir, context.manifest["model"]["serializedFile"])
         names = load_names(model_dir, settings.num_classes)
         self.detector = Detector.from_settings(settings, weights, names, context.model_name, device)
+        self.detector.warm_up(tuple(sorted({1, int(properties.get("batch_size") or 1)})))
         logger.info("YOLO-NAS %s ready: backend %s on %s, %d threads", context.model_name, settings.backend, device, threads)
         self.initialized = True
 

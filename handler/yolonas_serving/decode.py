@@ -71,25 +71,34 @@ def open_image(data: bytes | bytearray | memoryview, limits: DecodeLimits = Deco
     return image
 
 
-def decode_image(
-    data: bytes | bytearray | memoryview,
-    limits: DecodeLimits = DecodeLimits(),
-    draft_size: tuple[int, int] | None = None,
-) -> np.ndarray:
-    """Decode to an RGB uint8 array (H, W, 3): first frame, EXIF orientation applied.
+@dataclass(frozen=True)
+class DecodedImage:
+    pixels: np.ndarray  # RGB uint8 (H, W, 3), EXIF orientation applied
+    original_size: tuple[int, int]  # (width, height) of the full-resolution, oriented image
 
-    ``draft_size`` (width, height) lets a large JPEG decode at 1/2, 1/4 or 1/8 scale while staying at least that
-    size (libjpeg's DCT scaling; see ``preprocess.draft_size_for``).
+
+def decode_image(
+    data: bytes | bytearray | memoryview, limits: DecodeLimits = DecodeLimits(), min_side: int | None = None
+) -> DecodedImage:
+    """Decode the first frame to RGB uint8 with EXIF orientation applied.
+
+    ``min_side`` lets a large JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, an area average) as long
+    as both sides stay at least ``min_side``: when the pipeline shrinks the image below that anyway, decoding the
+    full resolution only to throw it away costs time and changes nothing the network sees beyond resampling noise.
     """
     image = open_image(data, limits)
+    full_size = image.size
     try:
-        if draft_size is not None and image.format in ("JPEG", "MPO"):
-            image.draft("RGB", draft_size)
+        if min_side is not None and image.format in ("JPEG", "MPO"):
+            image.draft("RGB", (min_side, min_side))
         image.load()
-        image = _apply_orientation(image)
-        array = _to_rgb(image)
+        stored_size = image.size
+        oriented = _apply_orientation(image)
+        pixels = _to_rgb(oriented)
     except RequestError:
         raise
     except Exception as exc:  # truncated or corrupt pixel data
         raise RequestError(f"corrupt image data ({image.format}): {exc}") from None
-    return np.ascontiguousarray(array)
+    swapped = oriented.size != stored_size  # EXIF orientations 5-8 transpose the image
+    original = (full_size[1], full_size[0]) if swapped else full_size
+    return DecodedImage(np.ascontiguousarray(pixels), original)

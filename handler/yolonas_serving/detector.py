@@ -66,6 +66,7 @@ class Detector:
     model_name: str
     defaults: NMSOptions = NMSOptions()
     limits: DecodeLimits = DecodeLimits()
+    jpeg_draft: bool = True  # decode large JPEGs at reduced size when the pipeline shrinks them anyway
 
     @classmethod
     def from_settings(
@@ -80,13 +81,15 @@ class Detector:
             model_name=model_name,
             defaults=settings.nms_options(),
             limits=settings.decode_limits(),
+            jpeg_draft=settings.jpeg_draft,
         )
 
     def prepare(self, request: ImageRequest, accept: str | None = None) -> Prepared:
         options, response_format = parse_options(request.options, self.defaults, self.names, accept)
-        image = decode_image(request.image, self.limits)
-        tensor, transform = self.pipeline(image)
-        keep = image if response_format == "jpeg" else None
+        draft_side = self.pipeline.shrinks_to if self.jpeg_draft and response_format == "json" else None
+        image = decode_image(request.image, self.limits, min_side=draft_side)
+        tensor, transform = self.pipeline(image.pixels, image.original_size)
+        keep = image.pixels if response_format == "jpeg" else None
         return Prepared(tensor, transform, options, response_format, request, keep)
 
     def detect(self, items: list[Prepared], timings: Timings | None = None) -> list[Detections]:
@@ -108,6 +111,13 @@ class Detector:
             for i, d in zip(indices, detections):
                 results[i] = d
         return results  # type: ignore[return-value]
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """Run grey images through the chain so the first requests do not pay for lazy initialisation."""
+        tensor, transform = self.pipeline(np.full((480, 640, 3), 114, dtype=np.uint8))
+        request = ImageRequest(b"")
+        for size in batch_sizes:
+            self.detect([Prepared(tensor, transform, self.defaults, "json", request)] * size)
 
     def render(self, item: Prepared, detections: Detections) -> Response:
         size = item.transform.original_size

@@ -363,9 +363,26 @@ class Pipeline:
             )
         )
 
-    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, BoxTransform]:
-        """RGB uint8 (H, W, 3) -> network input (3, h, w) float32 and the transform back to original pixels."""
-        transform = BoxTransform(original_size=(image.shape[1], image.shape[0]))
+    @property
+    def shrinks_to(self) -> int | None:
+        """The longest side the first geometric step scales every image to, when it leads (draft decoding)."""
+        for step in self.steps:
+            if isinstance(step, RESCALE_STEPS):
+                return max(step.output_shape)
+            if not isinstance(step, ReverseImageChannels):
+                return None
+        return None
+
+    def __call__(
+        self, image: np.ndarray, original_size: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, BoxTransform]:
+        """RGB uint8 (H, W, 3) -> network input (3, h, w) float32 and the transform back to original pixels.
+
+        ``original_size`` (width, height) is the full-resolution size when ``image`` was decoded at reduced size.
+        """
+        height, width = image.shape[:2]
+        original_size = original_size or (width, height)
+        transform = BoxTransform(original_size).rescaled(width / original_size[0], height / original_size[1])
         for step in self.steps:
             image, transform = step.apply(image, transform)
         return np.ascontiguousarray(image, dtype=np.float32), transform

@@ -117,7 +117,7 @@ def parse_request(row: dict[str, Any], headers: dict[str, Any] | None = None) ->
 
 
 def _parse_body(body: Any, content_type: str) -> ImageRequest:
-    if isinstance(body, dict):
+    if isinstance(body, (dict, list)):  # TorchServe already decoded an application/json body
         return _parse_json(body)
     if isinstance(body, str):
         return _parse_json(_load_json(body))

@@ -30,6 +30,7 @@ class HandlerSettings:
     torch_threads: int = 0  # 0: the host's cores divided by the model's maxWorkers, at least 1
     max_image_bytes: int = DecodeLimits.max_bytes
     max_image_pixels: int = DecodeLimits.max_pixels
+    jpeg_draft: bool = True  # decode large JPEGs at 1/2..1/8 scale when the pipeline shrinks them below that anyway
 
     @classmethod
     def from_config(cls, section: dict[str, Any] | None) -> HandlerSettings:

@@ -1,0 +1,135 @@
+"""Decoding: every supported format, EXIF orientation, colour modes, limits and corrupt input."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from yolonas_serving.decode import DecodeLimits, decode_image
+from yolonas_serving.errors import RequestError
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def gradient(width: int = 64, height: int = 48) -> Image.Image:
+    x = np.linspace(0, 255, width, dtype=np.uint8)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height, dtype=np.uint8)[:, None].repeat(width, 1)
+    return Image.fromarray(np.stack([x, y, 255 - x], axis=2))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "WEBP"])
+def test_lossless_formats_decode_exactly(fmt):
+    original = gradient()
+    options = {"lossless": True} if fmt == "WEBP" else {}
+    decoded = decode_image(encode(original, fmt, **options))
+    np.testing.assert_array_equal(decoded.pixels, np.asarray(original))
+    assert decoded.original_size == (64, 48)
+
+
+def test_jpeg_decodes_to_rgb():
+    decoded = decode_image(encode(gradient(), "JPEG", quality=95))
+    assert decoded.pixels.shape == (48, 64, 3) and decoded.pixels.dtype == np.uint8
+    assert np.abs(decoded.pixels.astype(int) - np.asarray(gradient()).astype(int)).mean() < 3
+
+
+def test_gif_first_frame():
+    frames = [Image.new("P", (20, 10), color) for color in (1, 2)]
+    for frame in frames:
+        frame.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    pixels = decode_image(buffer.getvalue()).pixels
+    assert pixels.shape == (10, 20, 3) and tuple(pixels[0, 0]) == (255, 0, 0)
+
+
+def test_exif_orientation_is_applied():
+    image = gradient(40, 20)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    decoded = decode_image(encode(image, "JPEG", exif=exif, quality=95))
+    assert decoded.pixels.shape == (40, 20, 3)
+    assert decoded.original_size == (20, 40)
+
+
+@pytest.mark.parametrize(
+    "image, expected",
+    [
+        (Image.new("L", (4, 4), 77), (77, 77, 77)),
+        (Image.new("RGBA", (4, 4), (10, 20, 30, 0)), (10, 20, 30)),  # alpha dropped, as super-gradients does
+        (Image.new("LA", (4, 4), (50, 200)), (50, 50, 50)),
+        (Image.new("1", (4, 4), 1), (255, 255, 255)),
+        (Image.new("CMYK", (4, 4), (0, 0, 0, 0)), (255, 255, 255)),
+    ],
+)
+def test_colour_modes_become_rgb(image, expected):
+    fmt = "TIFF" if image.mode == "CMYK" else "PNG"
+    pixels = decode_image(encode(image, fmt)).pixels
+    assert pixels.shape == (4, 4, 3) and tuple(pixels[0, 0]) == expected
+
+
+def test_palette_png_becomes_rgb():
+    image = Image.new("P", (4, 4), 1)
+    image.putpalette([0, 0, 0, 12, 34, 56] + [0] * 762)
+    assert tuple(decode_image(encode(image, "PNG")).pixels[1, 1]) == (12, 34, 56)
+
+
+def test_sixteen_bit_grey_keeps_its_range():
+    wide = np.array([[0, 257 * 100, 65535]], dtype=np.uint16)
+    pixels = decode_image(encode(Image.fromarray(wide), "PNG")).pixels
+    assert pixels[0, :, 0].tolist() == [0, 100, 255]
+
+
+def test_large_jpeg_decodes_at_reduced_size_but_reports_full_size():
+    data = encode(gradient(2000, 1600), "JPEG", quality=90)
+    drafted = decode_image(data, min_side=400)
+    assert drafted.pixels.shape == (400, 500, 3)  # 1/4 scale keeps both sides >= 400
+    assert drafted.original_size == (2000, 1600)
+    assert decode_image(data, min_side=1000).pixels.shape == (1600, 2000, 3)  # 1/2 would go below 1000
+    assert decode_image(encode(gradient(2000, 1600), "PNG"), min_side=400).pixels.shape == (1600, 2000, 3)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty image"),
+        (b"%PDF-1.4\n%...", "not an image"),
+        (b"PK\x03\x04" + b"\x00" * 40, "not an image"),
+        (b"hello world", "not an image"),
+    ],
+)
+def test_non_images_are_refused(data, message):
+    with pytest.raises(RequestError, match=message) as info:
+        decode_image(data)
+    assert info.value.status == 400
+
+
+def test_truncated_images_are_refused():
+    for fmt in ("PNG", "JPEG"):
+        data = encode(gradient(256, 256), fmt)
+        with pytest.raises(RequestError, match="corrupt image data|unreadable"):
+            decode_image(data[: len(data) // 2])
+
+
+def test_limits():
+    data = encode(gradient(100, 100), "PNG")
+    with pytest.raises(RequestError, match="limit is 100") as too_big:
+        decode_image(data, DecodeLimits(max_bytes=100))
+    assert too_big.value.status == 413
+    with pytest.raises(RequestError, match="10000 pixels; the limit is 9999"):
+        decode_image(data, DecodeLimits(max_pixels=9999))
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    """A 20000x20000 PNG compresses to a few hundred KB; its header alone must get it refused."""
+    bomb = encode(Image.new("L", (20000, 20000)), "PNG", optimize=True)
+    assert len(bomb) < 1_000_000
+    with pytest.raises(RequestError, match="decompression bomb") as info:
+        decode_image(bomb)
+    assert info.value.status == 413

@@ -1,0 +1,163 @@
+"""Preprocessing as data: each step, the COCO default against super-gradients' recorded numbers, and translation
+of Trainer checkpoints' processing_params."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from yolonas_serving.pipeline import COCO_PIPELINE, BoxTransform, Pipeline, PipelineError
+
+SHAPES_PARAMS = {
+    "class_names": ["circle", "square", "triangle", "ring_rect"],
+    "image_processor": {
+        "ComposeProcessing": {
+            "processings": [
+                {"DetectionLongestMaxSizeRescale": {"output_shape": [320, 320]}},
+                {"DetectionBottomRightPadding": {"output_shape": [320, 320], "pad_value": 114}},
+                {"StandardizeImage": {"max_value": 255.0}},
+                {"ImagePermute": {"permutation": [2, 0, 1]}},
+            ]
+        }
+    },
+    "iou": 0.7,
+    "conf": 0.25,
+}
+
+
+def image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def test_coco_pipeline_matches_super_gradients_records(reference_dir):
+    """predict.json records the scale and padding super-gradients used for each reference image."""
+    for record in json.loads((reference_dir / "predict.json").read_text())["images"]:
+        tensor, transform = COCO_PIPELINE(image(record["height"], record["width"]))
+        pre = record["preprocess"]
+        top, bottom, left, right = pre["pad_top_bottom_left_right"]
+        assert tensor.shape == (3, 640, 640) and tensor.dtype == np.float32
+        assert transform.scale_x == pytest.approx(pre["scale"]) and transform.scale_y == pytest.approx(pre["scale"])
+        assert (transform.pad_x, transform.pad_y) == (left, top)
+        resized_h, resized_w = pre["resized_hw"]
+        assert top + resized_h + bottom == 640 and left + resized_w + right == 640
+
+
+def test_coco_pipeline_pixels_are_opencv_bilinear_centre_padded_with_114():
+    rgb = image(480, 640)
+    tensor, _ = COCO_PIPELINE(rgb)
+    expected = np.full((640, 640, 3), 114, dtype=np.uint8)
+    expected[81 : 81 + 477, 2 : 2 + 636] = cv2.resize(rgb, (636, 477), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(tensor, expected.transpose(2, 0, 1) / np.float32(255))
+
+
+def test_small_images_are_scaled_up_and_exact_fits_are_not_resized():
+    _, small = COCO_PIPELINE(image(100, 50))
+    assert small.scale_x == pytest.approx(6.36)
+    _, exact = COCO_PIPELINE(image(636, 300))
+    assert exact.scale_x == 1.0 and exact.pad_x == (640 - 300) // 2
+
+
+def test_box_transform_round_trip():
+    rgb = image(300, 500)
+    _, transform = COCO_PIPELINE(rgb)
+    original = np.array([[10.0, 20.0, 400.0, 290.0]], dtype=np.float32)
+    network = original * transform.scale_x + np.array([transform.pad_x, transform.pad_y] * 2, dtype=np.float32)
+    np.testing.assert_allclose(transform.to_original(network), original, atol=1e-3)
+
+
+def test_reduced_size_decode_keeps_original_coordinates():
+    """An image decoded at 1/4 scale maps boxes back onto the full-resolution image."""
+    full, full_t = COCO_PIPELINE(image(1200, 1600))
+    _, draft_t = COCO_PIPELINE(image(300, 400), original_size=(1600, 1200))
+    assert draft_t.original_size == (1600, 1200)
+    assert draft_t.scale_x == pytest.approx(full_t.scale_x) and draft_t.pad_y == full_t.pad_y
+
+
+def test_trainer_processing_params_translate_to_the_same_spec():
+    pipeline = Pipeline.from_processing_params(SHAPES_PARAMS)
+    assert pipeline.to_spec() == SHAPES_PARAMS["image_processor"]["ComposeProcessing"]["processings"]
+    assert pipeline.input_size == (320, 320)
+    tensor, transform = pipeline(image(200, 400))
+    assert tensor.shape == (3, 320, 320)
+    assert (transform.pad_x, transform.pad_y) == (0, 0)  # bottom-right padding keeps the image top-left
+    np.testing.assert_allclose(tensor[:, 160:, :], 114 / 255, atol=1e-7)
+
+
+def test_every_supported_step():
+    spec = [
+        "ReverseImageChannels",
+        {"DetectionRescale": {"output_shape": (256, 320)}},
+        {"NormalizeImage": {"mean": [1, 2, 3], "std": [2, 2, 2]}},
+        {"ImagePermute": {"permutation": [2, 0, 1]}},
+    ]
+    rgb = image(100, 200)
+    tensor, transform = Pipeline.from_spec(spec)(rgb)
+    resized = cv2.resize(rgb[..., ::-1], (320, 256), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    expected = ((resized - np.array([1, 2, 3], np.float32)) / 2).transpose(2, 0, 1)
+    np.testing.assert_allclose(tensor, expected, rtol=1e-6)
+    assert (transform.scale_x, transform.scale_y) == (1.6, 2.56)
+    assert Pipeline.from_spec(spec).reverses_channels
+
+
+def test_auto_padding_follows_the_image():
+    pipeline = Pipeline.from_spec(
+        [
+            {"DetectionLongestMaxSizeRescale": {"output_shape": [500, 500]}},
+            {"DetectionAutoPadding": {"shape_multiple": [32, 32], "pad_value": 0}},
+            "StandardizeImage",
+            "ImagePermute",
+        ]
+    )
+    assert pipeline.input_size is None
+    tensor, _ = pipeline(image(250, 500))
+    assert tensor.shape == (3, 256, 512)
+
+
+def test_center_padding_puts_the_odd_pixel_bottom_right():
+    pipeline = Pipeline.from_spec(
+        [
+            {"DetectionLongestMaxSizeRescale": {"output_shape": [63, 63]}},
+            {"DetectionCenterPadding": {"output_shape": [64, 64], "pad_value": [1, 2, 3]}},
+            "ImagePermute",
+        ]
+    )
+    tensor, transform = pipeline(image(63, 31))
+    assert (transform.pad_x, transform.pad_y) == (16, 0)
+    assert tensor[:, 63, 0].tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ([{"DetectionRandomAffine": {}}, "ImagePermute"], "unknown preprocessing step 'DetectionRandomAffine'"),
+        ([{"DetectionRescale": {"output_shape": [300, 300]}}, "ImagePermute"], "multiples of 32"),
+        ([{"DetectionRescale": {"output_shape": [320, 320]}}], "ImagePermute"),
+        ([{"DetectionCenterPadding": {"output_shape": [320, 320]}}, "ImagePermute"], "needs a rescale"),
+        ([{"StandardizeImage": {"max_value": 255}}, "ImagePermute"], "pad to a fixed size"),
+        ([{"DetectionRescale": {"output_shape": "big"}}, "ImagePermute"], "output_shape"),
+        ([{"StandardizeImage": {"maximum": 1}}, "ImagePermute"], "bad arguments"),
+    ],
+)
+def test_bad_pipelines_fail_when_built(spec, message):
+    with pytest.raises(PipelineError, match=message):
+        Pipeline.from_spec(spec)
+
+
+def test_input_size_and_padding_overrides_keep_the_margin():
+    resized = COCO_PIPELINE.with_input_size(320, 416)
+    assert resized.input_size == (320, 416)
+    assert resized.steps[0].output_shape == (316, 412)  # COCO keeps 4 px between the rescale and the padding
+    bottom_right = Pipeline.from_processing_params(SHAPES_PARAMS).with_padding("center")
+    _, transform = bottom_right(image(160, 320))
+    assert transform.pad_y == 80
+    with pytest.raises(PipelineError, match="padding must be one of"):
+        COCO_PIPELINE.with_padding("left")
+
+
+def test_box_transform_is_identity_without_geometry():
+    transform = BoxTransform(original_size=(10, 10))
+    boxes = np.array([[1, 2, 3, 4]], dtype=np.float32)
+    np.testing.assert_array_equal(transform.to_original(boxes), boxes)
