@@ -1,4 +1,5 @@
-"""The serving spine against a real TorchServe: register, batch, per-item errors, parity, unregister."""
+"""The serving spine against a real TorchServe: register, dynamic batching, per-item errors inside a batch,
+parity with super-gradients' predict() through the server, unregister."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from pathlib import Path
 
 import requests
 
-from conftest import build_archive
 import server
+from conftest import build_archive
+from reference_match import unmatched
 
 
 def post_image(endpoints, model: str, data: bytes, content_type: str = "image/png", **headers) -> requests.Response:
@@ -26,3 +28,47 @@ def test_single_request_returns_detections(endpoints, reference_dir: Path):
     assert body["image_size"] == [640, 480]
     scores = [d["score"] for d in body["detections"]]
     assert scores == sorted(scores, reverse=True)
+    assert all(set(d) == {"box", "score", "class_id", "class_name"} for d in body["detections"])
+
+
+def _metric(endpoints, name: str, model: str) -> float | None:
+    text = requests.get(f"{endpoints.metrics}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{") and f'ModelName="{model}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_concurrent_requests_form_one_batch_and_a_corrupt_item_fails_alone(endpoints, reference_dir: Path):
+    """Four concurrent requests within a long batch delay reach the handler as one batch of four; the corrupt one
+    gets 400 with a message while its batch-mates get their detections. Then the model is unregistered."""
+    server.register(endpoints, "yolo_nas_s", name="batched", batch_size=4, max_batch_delay=5000)
+    good = (reference_dir / "images" / "img_b_h800_w600.png").read_bytes()
+    bodies = [good, good, b"\x89PNG\r\n\x1a\n this is not really a png", good]
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda body: post_image(endpoints, "batched", body), bodies))
+    assert [r.status_code for r in responses] == [200, 200, 400, 200], [r.text[:200] for r in responses]
+    assert "error" in responses[2].json()
+    assert responses[0].json() == responses[1].json() == responses[3].json()
+    assert _metric(endpoints, "YoloNASBatchSize", "batched") == 4.0
+    log = (endpoints.run_dir / "logs" / "model_log.log").read_text()
+    assert "batch of 4, 3 images answered" in log
+
+    management = endpoints.auth("management")
+    deleted = requests.delete(f"{endpoints.management}/models/batched", headers=management, timeout=60)
+    assert deleted.status_code == 200, deleted.text
+    assert post_image(endpoints, "batched", good).status_code == 404
+
+
+def test_parity_with_super_gradients_through_the_server(endpoints, reference_dir: Path, model_store: Path):
+    build_archive(reference_dir / "checkpoint.pth", model_store, "reference_s")
+    server.register(endpoints, "reference_s")
+    try:
+        predict = json.loads((reference_dir / "predict.json").read_text())
+        for record in predict["images"]:
+            response = post_image(endpoints, "reference_s", (reference_dir / record["file"]).read_bytes())
+            assert response.status_code == 200, response.text
+            missing, extra = unmatched(response.json()["detections"], record)
+            assert (missing, extra) == ([], []), f"{record['file']}: {missing[:3]} missing, {extra[:3]} extra"
+    finally:
+        requests.delete(f"{endpoints.management}/models/reference_s", headers=endpoints.auth("management"), timeout=60)
