@@ -38,7 +38,9 @@ class YoloNASHandler:
         names = load_names(model_dir, settings.num_classes)
         self.detector = Detector.from_settings(settings, weights, names, context.model_name, device)
         self.detector.warm_up(tuple(sorted({1, int(properties.get("batch_size") or 1)})))
-        logger.info("YOLO-NAS %s ready: backend %s on %s, %d threads", context.model_name, settings.backend, device, threads)
+        logger.info(
+            "YOLO-NAS %s ready: backend %s on %s, %d threads", context.model_name, settings.backend, device, threads
+        )
         self.initialized = True
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str | bytes]:

@@ -17,7 +17,12 @@ from grpc_tools import protoc
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "generated"
-PROTOS = ("proto/inference.proto", "proto/management.proto", "proto/open_inference_grpc.proto", "google/rpc/status.proto")
+PROTOS = (
+    "proto/inference.proto",
+    "proto/management.proto",
+    "proto/open_inference_grpc.proto",
+    "google/rpc/status.proto",
+)
 
 
 def frontend_jar() -> Path:
@@ -35,7 +40,14 @@ def generate(out: Path = OUT) -> Path:
         for name in PROTOS:
             jar.extract(name, tmp)
         well_known = Path(grpc_tools.__file__).parent / "_proto"  # google/protobuf/*.proto ship with grpcio-tools
-        args = ["protoc", f"-I{tmp}/proto", f"-I{tmp}", f"-I{well_known}", f"--python_out={out}", f"--grpc_python_out={out}"]
+        args = [
+            "protoc",
+            f"-I{tmp}/proto",
+            f"-I{tmp}",
+            f"-I{well_known}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+        ]
         args += [str(Path(tmp) / name) for name in PROTOS]
         if protoc.main(args) != 0:
             raise SystemExit("protoc failed")

@@ -73,8 +73,10 @@ def write_config(run_dir: Path, ports: dict[str, int] | None = None, extra: dict
     """The shipped config, with other ports (tests) or extra keys when asked; everything else unchanged."""
     text = CONFIG.read_text()
     for key, port in (ports or {}).items():
-        text = re.sub(rf"^({key}=.*?)(\d+)$", lambda m: f"{m.group(1)}{port}", text, flags=re.M)
-    text = re.sub(r"^metrics_config=(.*)$", lambda m: f"metrics_config={(REPO / m.group(1)).resolve()}", text, flags=re.M)
+        text = re.sub(rf"^({key}=.*?)\d+$", rf"\g<1>{port}", text, flags=re.M)
+    text = re.sub(
+        r"^metrics_config=(.*)$", lambda m: f"metrics_config={(REPO / m.group(1)).resolve()}", text, flags=re.M
+    )
     for key, value in (extra or {}).items():
         text += f"\n{key}={value}\n"
     path = run_dir / "config.properties"
@@ -83,12 +85,15 @@ def write_config(run_dir: Path, ports: dict[str, int] | None = None, extra: dict
 
 
 def _endpoints(props: dict[str, str]) -> dict[str, str]:
+    def grpc(kind: str, port: int) -> str:
+        return f"{props.get(f'grpc_{kind}_address', '127.0.0.1')}:{props.get(f'grpc_{kind}_port', port)}"
+
     return {
         "inference": props["inference_address"],
         "management": props["management_address"],
         "metrics": props["metrics_address"],
-        "grpc_inference": f"{props.get('grpc_inference_address', '127.0.0.1')}:{props.get('grpc_inference_port', 7070)}",
-        "grpc_management": f"{props.get('grpc_management_address', '127.0.0.1')}:{props.get('grpc_management_port', 7071)}",
+        "grpc_inference": grpc("inference", 7070),
+        "grpc_management": grpc("management", 7071),
     }
 
 
@@ -180,7 +185,9 @@ def register(endpoints: Endpoints, archive: str, name: str | None = None, **para
     query = {"url": archive, "synchronous": "true", "initial_workers": 1, **params}
     if name:
         query["model_name"] = name
-    response = requests.post(f"{endpoints.management}/models", params=query, headers=endpoints.auth("management"), timeout=600)
+    response = requests.post(
+        f"{endpoints.management}/models", params=query, headers=endpoints.auth("management"), timeout=600
+    )
     if not response.ok:
         raise ServerError(f"registering {archive} failed ({response.status_code}): {response.text.strip()}")
     return response.json()
@@ -226,12 +233,18 @@ def status(endpoints: Endpoints) -> list[dict]:
 
 def _print_usage(endpoints: Endpoints, models: list[str]) -> None:
     name = Path(models[0]).stem if models else "yolo_nas_s"
-    print(f"TorchServe is up: inference {endpoints.inference}, management {endpoints.management}, "
-          f"metrics {endpoints.metrics}/metrics, gRPC {endpoints.grpc_inference} / {endpoints.grpc_management}")
-    print(f"Keys are in {endpoints.run_dir / 'key_file.json'}. For example:")
+    print(
+        f"TorchServe is up: inference {endpoints.inference}, management {endpoints.management}, "
+        f"metrics {endpoints.metrics}/metrics, gRPC {endpoints.grpc_inference} / {endpoints.grpc_management}"
+    )
+    key_file = endpoints.run_dir / "key_file.json"
+    print(f"Keys are in {key_file}. For example:")
     print(f"  python scripts/predict.py IMAGE --model {name}")
-    print(f'  curl -H "Authorization: Bearer $(python -c "import json;print(json.load(open(\'{endpoints.run_dir}/key_file.json\'))[\'inference\'][\'key\'])")" '
-          f"-H 'Content-Type: image/jpeg' --data-binary @IMAGE {endpoints.inference}/predictions/{name}")
+    print(f"  KEY=$(python -c \"import json; print(json.load(open('{key_file}'))['inference']['key'])\")")
+    print(
+        f'  curl -H "Authorization: Bearer $KEY" -H "Content-Type: image/jpeg" --data-binary @IMAGE '
+        f"{endpoints.inference}/predictions/{name}"
+    )
 
 
 def main() -> int:
@@ -243,7 +256,9 @@ def main() -> int:
     args = parser.parse_args()
     try:
         if args.command == "start":
-            missing = [m for m in args.models if not (args.model_store / (m if m.endswith(".mar") else f"{m}.mar")).is_file()]
+            missing = [
+                m for m in args.models if not (args.model_store / (m if m.endswith(".mar") else f"{m}.mar")).is_file()
+            ]
             if missing:
                 raise ServerError(f"no archive for {missing} in {args.model_store}: build it with scripts/archive.py")
             _print_usage(start(args.run_dir, args.model_store, args.models), args.models)
@@ -252,8 +267,10 @@ def main() -> int:
         else:
             for model in status(Endpoints.load(args.run_dir)):
                 workers = ", ".join(f"{w['id']} {w['status']}" for w in model.get("workers", []))
-                print(f"{model['modelName']} v{model['modelVersion']}: batch {model['batchSize']}, "
-                      f"delay {model['maxBatchDelay']} ms, workers [{workers}]")
+                print(
+                    f"{model['modelName']} v{model['modelVersion']}: batch {model['batchSize']}, "
+                    f"delay {model['maxBatchDelay']} ms, workers [{workers}]"
+                )
     except (ServerError, requests.RequestException) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -16,7 +16,6 @@ sys.path[:0] = [str(REPO / "handler"), str(REPO / "scripts"), str(REPO / "genera
 import archive  # noqa: E402
 import server  # noqa: E402
 from common import Endpoints  # noqa: E402
-
 from yolonas import save_random_checkpoint  # noqa: E402
 
 SHARED = Path(os.environ.get("YOLONAS_SHARED", REPO.parent / "shared"))
@@ -51,7 +50,9 @@ def random_checkpoint(tmp_path_factory: pytest.TempPathFactory):
     def make(variant: str = "s", num_classes: int = 80, seed: int = 0) -> Path:
         key = (variant, num_classes, seed)
         if key not in made:
-            made[key] = save_random_checkpoint(folder / f"{variant}_{num_classes}_{seed}.pth", variant, num_classes, seed)
+            made[key] = save_random_checkpoint(
+                folder / f"{variant}_{num_classes}_{seed}.pth", variant, num_classes, seed
+            )
         return made[key]
 
     return make

@@ -64,7 +64,10 @@ def test_picture_response(reference_detector, reference_dir):
 
 def test_v2_answer_carries_the_same_detections(reference_detector, reference_dir):
     data = (reference_dir / "images" / "img_a_h480_w640.png").read_bytes()
-    v2 = {"id": "7", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(data).decode()]}]}
+    v2 = {
+        "id": "7",
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(data).decode()]}],
+    }
     responses, _ = reference_detector.handle([{"body": v2}, {"body": data}], [{}, {}])
     answer, plain = json.loads(responses[0].body), json.loads(responses[1].body)
     outputs = {o["name"]: o["data"] for o in answer["outputs"]}
@@ -77,7 +80,12 @@ def test_v2_answer_carries_the_same_detections(reference_detector, reference_dir
 def test_auto_padding_batches_by_shape(random_checkpoint):
     """Different image shapes under DetectionAutoPadding need separate forward passes; results keep their slots."""
     pipeline = Pipeline.from_spec(
-        [{"DetectionLongestMaxSizeRescale": {"output_shape": [160, 160]}}, "DetectionAutoPadding", "StandardizeImage", "ImagePermute"]
+        [
+            {"DetectionLongestMaxSizeRescale": {"output_shape": [160, 160]}},
+            "DetectionAutoPadding",
+            "StandardizeImage",
+            "ImagePermute",
+        ]
     )
     calls = []
 

@@ -14,9 +14,7 @@ def scores_for(rows: list[list[float]]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)
 
 
-BOXES = torch.tensor(
-    [[0, 0, 100, 100], [2, 2, 102, 102], [300, 300, 400, 400], [0, 0, 100, 100]], dtype=torch.float32
-)
+BOXES = torch.tensor([[0, 0, 100, 100], [2, 2, 102, 102], [300, 300, 400, 400], [0, 0, 100, 100]], dtype=torch.float32)
 
 
 def test_threshold_is_strict_and_nms_is_class_aware():

@@ -33,7 +33,9 @@ class BoxTransform:
     pad_y: float = 0.0
 
     def rescaled(self, sx: float, sy: float) -> BoxTransform:
-        return replace(self, scale_x=self.scale_x * sx, scale_y=self.scale_y * sy, pad_x=self.pad_x * sx, pad_y=self.pad_y * sy)
+        return replace(
+            self, scale_x=self.scale_x * sx, scale_y=self.scale_y * sy, pad_x=self.pad_x * sx, pad_y=self.pad_y * sy
+        )
 
     def padded(self, left: int, top: int) -> BoxTransform:
         return replace(self, pad_x=self.pad_x + left, pad_y=self.pad_y + top)
@@ -63,7 +65,9 @@ def _pad_value(value: Any) -> float | tuple[float, ...]:
     return tuple(float(v) for v in value)
 
 
-def _pad(image: np.ndarray, top: int, bottom: int, left: int, right: int, value: float | tuple[float, ...]) -> np.ndarray:
+def _pad(
+    image: np.ndarray, top: int, bottom: int, left: int, right: int, value: float | tuple[float, ...]
+) -> np.ndarray:
     if min(top, bottom, left, right) < 0:
         raise ValueError(f"image {image.shape[1]}x{image.shape[0]} is larger than the padded size")
     fill = value if isinstance(value, tuple) else (value,) * image.shape[2]
@@ -284,7 +288,9 @@ class Pipeline:
             raise PipelineError("the pipeline must end HWC -> CHW with exactly one ImagePermute (2, 0, 1)")
         fixed = self.input_size
         if fixed is not None and (fixed[0] % STRIDE or fixed[1] % STRIDE):
-            raise PipelineError(f"the network input {fixed[1]}x{fixed[0]} must have sides that are multiples of {STRIDE}")
+            raise PipelineError(
+                f"the network input {fixed[1]}x{fixed[0]} must have sides that are multiples of {STRIDE}"
+            )
         if fixed is None and not any(isinstance(s, DetectionAutoPadding) for s in self.steps):
             raise PipelineError("the pipeline must pad to a fixed size or add DetectionAutoPadding (multiples of 32)")
         for i, step in enumerate(self.steps):
@@ -293,7 +299,9 @@ class Pipeline:
                 if not before or any(
                     b.output_shape[0] > step.output_shape[0] or b.output_shape[1] > step.output_shape[1] for b in before
                 ):
-                    raise PipelineError(f"{step.name} to {step.output_shape} needs a rescale to at most that size before it")
+                    raise PipelineError(
+                        f"{step.name} to {step.output_shape} needs a rescale to at most that size before it"
+                    )
 
     @classmethod
     def from_spec(cls, spec: list[Any]) -> Pipeline:

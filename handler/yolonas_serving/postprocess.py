@@ -79,6 +79,4 @@ def postprocess(
     boxes: torch.Tensor, scores: torch.Tensor, transforms: list[BoxTransform], options: list[NMSOptions]
 ) -> list[Detections]:
     """Batch version: boxes [B, A, 4], scores [B, A, C], one transform and one option set per image."""
-    return [
-        to_original(*select(boxes[i], scores[i], options[i]), transforms[i]) for i in range(len(transforms))
-    ]
+    return [to_original(*select(boxes[i], scores[i], options[i]), transforms[i]) for i in range(len(transforms))]

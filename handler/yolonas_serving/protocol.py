@@ -62,8 +62,10 @@ def _parse_v2(body: dict[str, Any]) -> ImageRequest:
     options = dict(body.get("parameters") or {})
     options.update(tensor.get("parameters") or {})
     options.pop("content_type", None)  # the v2 spec lets clients tag BYTES; ours is always base64
-    request_id = body.get("id")
-    return ImageRequest(_b64(data, "v2 input data"), options, v2=True, request_id=str(request_id) if request_id else None)
+    request_id = body.get("id")  # TorchServe's OIP gRPC service always sends one, "" when the client set none
+    return ImageRequest(
+        _b64(data, "v2 input data"), options, v2=True, request_id=None if request_id is None else str(request_id)
+    )
 
 
 def _parse_json(body: Any) -> ImageRequest:
@@ -239,21 +241,38 @@ def render_json(model: str, detections: Detections, names: list[str], image_size
 
 
 def render_v2(
-    model: str, detections: Detections, names: list[str], image_size: tuple[int, int], request_id: str | None
+    model: str,
+    detections: Detections,
+    names: list[str],
+    image_size: tuple[int, int],
+    request_id: str | None,
+    model_version: str = "",
 ) -> dict[str, Any]:
-    """The Open Inference Protocol (KServe v2) response."""
+    """The Open Inference Protocol (KServe v2) response. ``model_version`` is always present: TorchServe's OIP gRPC
+    service reads it (and ``id``) as strings and kills the worker when they are missing."""
     count = len(detections)
     boxes = np.round(detections.boxes.astype(np.float64), 2).reshape(-1).tolist()
     response: dict[str, Any] = {
         "model_name": model,
+        "model_version": model_version,
         "outputs": [
             {"name": "boxes", "datatype": "FP32", "shape": [count, 4], "data": boxes},
-            {"name": "scores", "datatype": "FP32", "shape": [count], "data": np.round(detections.scores.astype(np.float64), 5).tolist()},
+            {
+                "name": "scores",
+                "datatype": "FP32",
+                "shape": [count],
+                "data": np.round(detections.scores.astype(np.float64), 5).tolist(),
+            },
             {"name": "class_ids", "datatype": "INT64", "shape": [count], "data": detections.class_ids.tolist()},
-            {"name": "class_names", "datatype": "BYTES", "shape": [count], "data": [names[i] for i in detections.class_ids]},
+            {
+                "name": "class_names",
+                "datatype": "BYTES",
+                "shape": [count],
+                "data": [names[i] for i in detections.class_ids],
+            },
         ],
         "parameters": {"image_size": list(image_size)},
     }
-    if request_id:
+    if request_id is not None:
         response["id"] = request_id
     return response
