@@ -1,0 +1,86 @@
+"""The TorchServe handler in process, driven through TorchServe's own Context and metrics cache (no server)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from ts.context import Context, RequestProcessor
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+from conftest import REPO
+from yolonas_serving.settings import HandlerSettings
+
+
+@pytest.fixture(scope="module")
+def loaded(s_archive: Path, tmp_path_factory: pytest.TempPathFactory):
+    model_dir = tmp_path_factory.mktemp("extracted")
+    with zipfile.ZipFile(s_archive) as zf:
+        zf.extractall(model_dir)
+    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+    config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
+    metrics = MetricsCacheYamlImpl(str(REPO / "metrics.yaml"))
+    metrics.initialize_cache()
+    context = Context(
+        "yolo_nas_s", str(model_dir), manifest, 4, None, "0.12.0", metrics=metrics, model_yaml_config=config
+    )
+    import yolo_nas_handler
+
+    handler = yolo_nas_handler.YoloNASHandler()
+    threads = torch.get_num_threads()
+    try:
+        handler.initialize(context)
+        yield handler, context, torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def call(handler, context, rows, headers):
+    context.request_processor = [RequestProcessor(h) for h in headers]
+    context.request_ids = {i: f"req-{i}" for i in range(len(rows))}
+    context.metrics.request_ids = context.request_ids
+    return handler.handle(rows, context)
+
+
+def test_threads_default_to_cores_divided_by_max_workers(loaded):
+    _, context, threads = loaded
+    cores = len(os.sched_getaffinity(0))
+    assert threads == max(1, cores // context.model_yaml_config["maxWorkers"])
+    assert HandlerSettings(torch_threads=3).threads(max_workers=8) == 3
+    assert HandlerSettings().threads(max_workers=64) == 1
+
+
+def test_handle_answers_each_item_and_records_metrics(loaded, reference_dir, caplog):
+    handler, context, _ = loaded
+    caplog.set_level(logging.INFO, logger="ts.metrics.caching_metric")
+    good = (reference_dir / "images" / "img_a_h480_w640.png").read_bytes()
+    rows = [{"body": good}, {"body": b"not an image"}, {"body": good}]
+    headers = [
+        {"body": {"content-type": "image/png"}},
+        {"body": {"content-type": "image/png"}},
+        {"Accept": "image/jpeg"},
+    ]
+    bodies = call(handler, context, rows, headers)
+    assert context.get_response_status(0)[0] in (None, 200)  # None: TorchServe answers 200
+    assert context.get_response_status(1)[0] == 400
+    assert "not an image" in context.get_response_status(1)[1]
+    assert json.loads(bodies[1])["error"].startswith("not an image")
+    assert json.loads(bodies[0])["model"] == "yolo_nas_s"
+    assert context.get_response_content_type(2) == "image/jpeg" and bodies[2][:2] == b"\xff\xd8"
+    emitted = "\n".join(r.getMessage() for r in caplog.records)
+    for line in ("YoloNASBatchSize.Count:3|", "YoloNASImages.Count:2|", "YoloNASPreprocessMs.Milliseconds:"):
+        assert f"[METRICS]{line}" in emitted, line
+    assert "Failed to update metric" not in emitted
+
+
+def test_unknown_handler_settings_fail_at_load():
+    with pytest.raises(ValueError, match="unknown keys \\['confidence'\\]"):
+        HandlerSettings.from_config({"confidence": 0.5})
+    with pytest.raises(ValueError, match="unknown preprocessing step"):
+        HandlerSettings.from_config({"pipeline": [{"Mosaic": {}}, "ImagePermute"]})
