@@ -1,0 +1,58 @@
+"""Validation through the session's TorchServe: the shapes checkpoint, archived with no flags, reproduces
+super-gradients' own mAP (expected.json) and the in-process Detector's numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import requests
+import val
+from datasets import load_dataset
+
+import server
+from conftest import build_archive
+
+MODEL = "shapes_val"  # a name of its own: other tests may register "shapes" with other flags
+
+
+@pytest.fixture(scope="module")
+def shapes_model(ts_server, model_store: Path, shapes_dir: Path):
+    build_archive(shapes_dir / "checkpoint.pth", model_store, MODEL)
+    server.register(ts_server, MODEL)
+    yield MODEL
+    requests.delete(f"{ts_server.management}/models/{MODEL}", headers=ts_server.auth("management"), timeout=60)
+
+
+def test_server_reproduces_super_gradients_and_in_process_numbers(
+    endpoints, shapes_model: str, shapes_dir: Path, tmp_path: Path, capsys
+):
+    expected = json.loads((shapes_dir / "expected.json").read_text())
+    data = shapes_dir / "val" / "data.yaml"
+    out = tmp_path / "server.json"
+    argv = ["--model", shapes_model, "--data", str(data), "--server", "--run-dir", str(endpoints.run_dir),
+            "--out", str(out)]  # fmt: skip
+    assert val.main(argv) == 0
+    served = json.loads(out.read_text())
+    assert served["metrics"]["mAP50-95"] == pytest.approx(expected["mAP50-95"], abs=0.005)
+    assert served["metrics"]["mAP50"] == pytest.approx(expected["mAP50"], abs=0.005)
+    assert served["source"] == f"server {endpoints.inference}"
+    assert "WARNING" not in capsys.readouterr().err  # class names and image sizes agree with the dataset
+
+    dataset = load_dataset(data)
+    detector = val.local_detector(shapes_dir / "checkpoint.pth", shapes_model)
+    responses = val.local_responses(detector, dataset.images, val.EvalOptions(), batch_size=8)
+    local = val.evaluate(dataset, val.collect(dataset, responses))
+    metrics = served["metrics"]
+    assert (local.map50_95, local.map50, local.precision, local.recall) == pytest.approx(
+        (metrics["mAP50-95"], metrics["mAP50"], metrics["precision"], metrics["recall"]), abs=1e-4
+    )
+    assert [c.ap50_95 for c in local.classes] == pytest.approx([c["AP50-95"] for c in served["classes"]], abs=1e-4)
+
+
+def test_an_unknown_model_stops_validation_with_the_server_error(endpoints, shapes_dir):
+    data = shapes_dir / "val" / "data.yaml"
+    argv = ["--model", "no_such_model", "--data", str(data), "--run-dir", str(endpoints.run_dir)]
+    with pytest.raises(SystemExit, match="HTTP 404"):
+        val.main(argv)
