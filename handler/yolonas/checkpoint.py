@@ -30,6 +30,18 @@ from .variants import VARIANTS
 #  Modules whose objects may appear in a pickled model; they become inert records, never real objects.
 STUB_MODULE_PREFIXES = ("super_gradients.", "ultralytics.", "torch.nn.modules.", "omegaconf.", "numpy", "enum")
 
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """The pickle names something outside the allow-list: the file may be hostile, and is not read."""
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """Protocol 2 pickles ``bytes`` (numpy arrays' data, say) as ``_codecs.encode(text, "latin1")``: allow only that."""
+    if encoding not in ("latin1", "latin-1"):
+        raise RefusedGlobal(f"refused _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
 #  Globals that are real and safe: tensor rebuilding and plain containers (what torch's weights_only also allows).
 SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
@@ -42,7 +54,12 @@ SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
     ("builtins", "complex"): complex,
+    ("_codecs", "encode"): _latin1_bytes,
 }
+
+#  Protocol 2 (torch.save's default) writes Python 2 names, e.g. ``__builtin__.set`` for every module's
+#  ``_non_persistent_buffers_set``; pickle's own find_class renames them, an override must do it itself.
+PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 STATE_DICT_KEYS = ("ema_net", "net", "state_dict", "model_state_dict", "model", "ema")
 
@@ -74,7 +91,7 @@ def _stub_class(module: str, name: str) -> type:
 
 def _safe_reconstructor(cls: Any, base: Any, state: Any) -> Any:
     if not (isinstance(cls, type) and issubclass(cls, PickledObject)):
-        raise pickle.UnpicklingError(f"refused to reconstruct {cls!r}")
+        raise RefusedGlobal(f"refused to reconstruct {cls!r}")
     return cls()
 
 
@@ -86,6 +103,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._stubs: dict[tuple[str, str], type] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        module = PY2_MODULES.get(module, module)
         if (module, name) in SAFE_GLOBALS:
             return SAFE_GLOBALS[module, name]
         if module == "copyreg" and name == "_reconstructor":
@@ -97,7 +115,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             if key not in self._stubs:
                 self._stubs[key] = _stub_class(module, name)
             return self._stubs[key]
-        raise pickle.UnpicklingError(f"refused to load global {module}.{name}: it is not on the allow-list")
+        raise RefusedGlobal(f"refused to load global {module}.{name}: it is not on the allow-list")
 
 
 #  torch.load(pickle_module=...) wants a module-like object with an Unpickler class and load().
@@ -139,10 +157,10 @@ def _load_file(path: Path) -> tuple[Any, str]:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle), "restricted"
-    except pickle.UnpicklingError as exc:
+    except RefusedGlobal as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # not a pickle at all, or a broken one
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
 def _plain(obj: Any) -> Any:
@@ -213,17 +231,37 @@ def infer_architecture(state_dict: dict[str, torch.Tensor]) -> tuple[str, int]:
     cls_key = "heads.head1.cls_pred.weight"
     if cls_key not in state_dict:
         found = list(state_dict)[:3]
-        raise CheckpointError(f"expected YOLO-NAS weights with key {cls_key!r}; found {len(state_dict)} keys like {found}")
+        raise CheckpointError(
+            f"expected YOLO-NAS weights with key {cls_key!r}; found {len(state_dict)} keys like {found}"
+        )
     num_classes = int(state_dict[cls_key].shape[0])
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-    for variant in VARIANTS:
-        if _reference_shapes(variant, num_classes) == shapes:
+    references = {variant: _reference_shapes(variant, num_classes) for variant in VARIANTS}
+    for variant, reference in references.items():
+        if reference == shapes:
             return variant, num_classes
-    counts = {v: len(_reference_shapes(v, num_classes)) for v in VARIANTS}
+    closest = max(references, key=lambda v: len(references[v].items() & shapes.items()))
     raise CheckpointError(
         f"the weights match no YOLO-NAS variant: expected the keys and shapes of S, M or L "
-        f"({counts['s']}/{counts['m']}/{counts['l']} keys); found {len(state_dict)} keys"
+        f"({'/'.join(str(len(r)) for r in references.values())} keys); found {len(state_dict)} keys; "
+        f"against the closest, {closest.upper()}: {_differences(references[closest], shapes)}"
     )
+
+
+def _differences(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> str:
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    reshaped = [k for k in expected if k in found and found[k] != expected[k]]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]!r})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})")
+    if reshaped:
+        k = reshaped[0]
+        example = f"{k!r}: expected {list(expected[k])}, found {list(found[k])}"
+        parts.append(f"{len(reshaped)} with other shapes (e.g. {example})")
+    return ", ".join(parts)
 
 
 @dataclass
