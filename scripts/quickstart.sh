@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=.venv/bin/python
 if "$PY" scripts/get_weights.py --variant s --out weights; then
-  "$PY" scripts/archive.py --variant s --weights weights/yolo_nas_s_coco.pth --export-path model_store
+  WEIGHTS=$(ls weights/yolo_nas_s_coco.pth weights/yolo_nas_s.pt 2>/dev/null | head -n 1)
+  "$PY" scripts/archive.py --variant s --weights "$WEIGHTS" --export-path model_store
 else
   echo "################################################################################" >&2
   echo "# OFFLINE: official weights unavailable. Serving SEEDED RANDOM WEIGHTS instead. #" >&2
