@@ -1,0 +1,180 @@
+"""Scaling under load on the session TorchServe: yolo_nas_s goes 1 -> 2 -> 1 workers through the REST management
+API, then through gRPC, while clients keep sending requests; none may be lost. Also what an extra worker costs in memory
+(the numbers are printed: run with -s; M and L only with YOLONAS_ALL_VARIANTS=1, their archives take minutes to build).
+
+TorchServe 0.12 does not drain a worker it scales down: the batch that worker is running fails with 500 "Worker died."
+(WorkerThread's finally block), and the management call itself sometimes fails on a race in BatchAggregator.sendError
+(ConcurrentModificationException) although the worker is gone. Clients must retry that error once; these do, and the
+test checks that nothing else ever fails and that the worker count is right after every call.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+import requests
+from grpc_client import GrpcClient
+
+import server
+from conftest import build_archive
+
+MODEL = "yolo_nas_s"
+SCALED_DOWN_BATCH = "Worker died."  # what the requests of a scaled-down worker's batch get
+
+
+class Load:
+    """Clients posting one image back to back until stopped; every final outcome is kept, and every retry."""
+
+    def __init__(self, endpoints, image: bytes, clients: int = 2):
+        self.endpoints, self.image = endpoints, image
+        self.outcomes: list[int | str] = []
+        self.retried: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _send(self) -> int | str:
+        try:
+            response = requests.post(
+                f"{self.endpoints.inference}/predictions/{MODEL}",
+                data=self.image,
+                headers={**self.endpoints.auth(), "Content-Type": "image/png"},
+                timeout=300,
+            )
+        except requests.RequestException as exc:
+            return repr(exc)
+        return 200 if response.status_code == 200 else f"{response.status_code} {response.text[:200]}"
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            outcome = self._send()
+            if outcome != 200 and SCALED_DOWN_BATCH in outcome:
+                self.retried.append(outcome)
+                outcome = self._send()
+            self.outcomes.append(outcome)
+
+    def wait_for_answers(self, count: int = 1, timeout: float = 300) -> None:
+        """Block until ``count`` more requests were answered: proof that traffic flowed at this worker count."""
+        target = len(self.outcomes) + count
+        deadline = time.monotonic() + timeout
+        while len(self.outcomes) < target:
+            assert time.monotonic() < deadline, f"no answer within {timeout} s: {self.outcomes[-3:]}"
+            time.sleep(0.1)
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=300)
+
+
+def describe(endpoints, name: str) -> dict:
+    response = requests.get(f"{endpoints.management}/models/{name}", headers=endpoints.auth("management"), timeout=30)
+    response.raise_for_status()
+    return response.json()[0]
+
+
+def rest_scale(endpoints, name: str, workers: int) -> None:
+    params = {"min_worker": workers, "max_worker": workers, "synchronous": "true"}
+    response = requests.put(
+        f"{endpoints.management}/models/{name}", params=params, headers=endpoints.auth("management"), timeout=600
+    )
+    if response.status_code == 500 and "ConcurrentModificationException" in response.text:
+        return  # the scale-down race (module docstring): the worker count is checked by the caller
+    assert response.status_code == 200, response.text
+
+
+def grpc_scale(client: GrpcClient, name: str, workers: int) -> None:
+    try:
+        client.scale(name, workers)
+    except grpc.RpcError as exc:
+        # The same race escapes TorchServe's gRPC handler as an unhandled exception: UNKNOWN, no details.
+        if exc.code() != grpc.StatusCode.UNKNOWN:
+            raise
+
+
+def wait_for_workers(endpoints, name: str, count: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        statuses = [w["status"] for w in describe(endpoints, name)["workers"]]
+        if statuses == ["READY"] * count:
+            return
+        assert time.monotonic() < deadline, f"{name}: workers {statuses}, expected {count} READY"
+        time.sleep(0.5)
+
+
+def test_scaling_under_load_loses_no_request(endpoints, reference_dir: Path):
+    image = (reference_dir / "images" / "img_a_h480_w640.png").read_bytes()
+    with GrpcClient(endpoints) as client, Load(endpoints, image) as load:
+        scalers = {"REST": lambda n: rest_scale(endpoints, MODEL, n), "gRPC": lambda n: grpc_scale(client, MODEL, n)}
+        try:
+            load.wait_for_answers()
+            for scale in scalers.values():
+                for workers in (2, 1):
+                    scale(workers)
+                    wait_for_workers(endpoints, MODEL, workers)
+                    load.wait_for_answers()
+        finally:
+            rest_scale(endpoints, MODEL, 1)  # leave the session server as the other tests expect it
+    print(f"\n{len(load.outcomes)} requests during scaling, {len(load.retried)} retried after a scale-down")
+    failures = [o for o in load.outcomes if o != 200]
+    assert failures == [], f"{len(failures)} of {len(load.outcomes)} requests failed: {failures[:3]}"
+
+
+def worker_memory(endpoints, name: str) -> dict[int, tuple[float, float]]:
+    """pid -> (RSS, USS) in MB for each worker process. USS counts only the pages the process alone holds."""
+    memory = {}
+    for worker in describe(endpoints, name)["workers"]:
+        info = psutil.Process(worker["pid"]).memory_full_info()
+        memory[worker["pid"]] = (info.rss / 2**20, info.uss / 2**20)
+    return memory
+
+
+VARIANTS = ["s"] + (["m", "l"] if os.environ.get("YOLONAS_ALL_VARIANTS") == "1" else [])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_extra_worker_memory(
+    variant: str, endpoints, random_checkpoint, s_archive: Path, model_store: Path, reference_dir: Path
+):
+    """Each worker loads its own copy of the model: a second one costs at least the weights it holds (the fused model
+    keeps about two thirds of the checkpoint's parameters), plus the Python/torch runtime."""
+    name = f"memory_{variant}"
+    checkpoint = random_checkpoint(variant)  # the one s_archive was built from, for S
+    archive = s_archive if variant == "s" else build_archive(checkpoint, model_store, f"yolo_nas_{variant}_random")
+    image = (reference_dir / "images" / "img_a_h480_w640.png").read_bytes()
+    headers = {**endpoints.auth(), "Content-Type": "image/png"}
+
+    def post(_: int) -> int:
+        url = f"{endpoints.inference}/predictions/{name}"
+        return requests.post(url, data=image, headers=headers, timeout=300).status_code
+
+    def infer(count: int) -> None:  # batch_size 1: concurrent requests spread over the idle workers
+        with ThreadPoolExecutor(count) as pool:
+            assert list(pool.map(post, range(count))) == [200] * count
+
+    server.register(endpoints, archive.name, name=name, batch_size=1)
+    try:
+        infer(1)
+        one = worker_memory(endpoints, name)
+        rest_scale(endpoints, name, 2)
+        infer(2)
+        two = worker_memory(endpoints, name)
+    finally:
+        requests.delete(f"{endpoints.management}/models/{name}", headers=endpoints.auth("management"), timeout=120)
+    [extra] = set(two) - set(one)
+    added_rss = sum(rss for rss, _ in two.values()) - sum(rss for rss, _ in one.values())
+    print(f"\nYOLO-NAS {variant.upper()}: one more worker adds {added_rss:.0f} MB RSS (sum over workers); "
+          f"the new worker: RSS {two[extra][0]:.0f} MB, USS {two[extra][1]:.0f} MB")  # fmt: skip
+    weights_mb = checkpoint.stat().st_size / 2**20
+    assert added_rss > weights_mb / 2 and two[extra][1] > weights_mb / 2
