@@ -53,14 +53,16 @@ def _parse_v2(body: dict[str, Any]) -> ImageRequest:
         raise RequestError("a v2 request needs exactly one input holding one image (TorchServe batches requests)")
     tensor = inputs[0]
     if tensor.get("datatype") != "BYTES":
-        raise RequestError(f"v2 input datatype must be BYTES (the encoded image); got {tensor.get('datatype')!r}")
+        raise RequestError(f"v2 input datatype must be BYTES (the encoded image); got {tensor.get('datatype')!a}")
     data = tensor.get("data")
     if isinstance(data, list):
         if len(data) != 1:
             raise RequestError(f"a v2 input must hold one image; got {len(data)}")
         data = data[0]
-    options = dict(body.get("parameters") or {})
-    options.update(tensor.get("parameters") or {})
+    parameters = (body.get("parameters") or {}, tensor.get("parameters") or {})
+    if not all(isinstance(p, dict) for p in parameters):
+        raise RequestError("v2 parameters must be a JSON object of options")
+    options = {**parameters[0], **parameters[1]}
     options.pop("content_type", None)  # the v2 spec lets clients tag BYTES; ours is always base64
     request_id = body.get("id")  # TorchServe's OIP gRPC service always sends one, "" when the client set none
     return ImageRequest(
@@ -82,7 +84,7 @@ def _parse_json(body: Any) -> ImageRequest:
 def _load_json(text: str | bytes | bytearray) -> Any:
     try:
         return json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise RequestError(f"the body is not valid JSON: {exc}") from None
 
 
@@ -150,21 +152,23 @@ def _text_options(fields: dict[str, Any]) -> dict[str, Any]:
             try:
                 value = bytes(value).decode("utf-8")
             except UnicodeDecodeError:
-                raise RequestError(f"form field {key!r} is binary; send one image per request") from None
+                raise RequestError(f"form field {key!a} is binary; send one image per request") from None
         options[key] = value
     return options
 
 
+#  Messages quote client values with !a (ASCII escapes): TorchServe 0.12 sends the message as the HTTP reason
+#  phrase, framing it by character count, so a non-ASCII message corrupts the reply and kills the worker.
 def _number(options: dict[str, Any], key: str, kind: type) -> Any:
     value = options[key]
     if isinstance(value, bool):
-        raise RequestError(f"{key} must be a number; got {value!r}")
+        raise RequestError(f"{key} must be a number; got {value!a}")
     try:
         number = kind(value)
-    except (TypeError, ValueError):
-        raise RequestError(f"{key} must be a number; got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
+        raise RequestError(f"{key} must be a number; got {value!a}") from None
     if kind is int and isinstance(value, float) and value != number:
-        raise RequestError(f"{key} must be an integer; got {value!r}")
+        raise RequestError(f"{key} must be an integer; got {value!a}")
     if number != number:  # NaN
         raise RequestError(f"{key} must be a number; got NaN")
     return number
@@ -173,20 +177,20 @@ def _number(options: dict[str, Any], key: str, kind: type) -> Any:
 def _classes(value: Any, names: list[str]) -> tuple[int, ...]:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not items:
-        raise RequestError(f"classes must be a list of class ids or names; got {value!r}")
+        raise RequestError(f"classes must be a list of class ids or names; got {value!a}")
     lookup = {name: i for i, name in enumerate(names)}
     ids = []
     for item in items:
         item = item.strip() if isinstance(item, str) else item
         if isinstance(item, str) and item in lookup:
             ids.append(lookup[item])
-        elif (isinstance(item, int) and not isinstance(item, bool)) or (isinstance(item, str) and item.isdigit()):
+        elif (isinstance(item, int) and not isinstance(item, bool)) or (isinstance(item, str) and item.isdecimal()):
             class_id = int(item)
             if not 0 <= class_id < len(names):
                 raise RequestError(f"class id {class_id} is out of range 0..{len(names) - 1}")
             ids.append(class_id)
         else:
-            raise RequestError(f"unknown class {item!r}; known names are {names[:5]}... ({len(names)} in all)")
+            raise RequestError(f"unknown class {item!a}; known names are {ascii(names[:5])}... ({len(names)} in all)")
     return tuple(sorted(set(ids)))
 
 
@@ -196,7 +200,7 @@ def parse_options(
     """Validate per-request options against the model's defaults; returns NMS options and the response format."""
     unknown = sorted(set(options) - set(OPTION_NAMES))
     if unknown:
-        raise RequestError(f"unknown option(s) {unknown}; known: {', '.join(OPTION_NAMES)}")
+        raise RequestError(f"unknown option(s) {ascii(unknown)}; known: {', '.join(OPTION_NAMES)}")
     result = defaults
     if "conf" in options:
         conf = _number(options, "conf", float)
@@ -219,7 +223,7 @@ def parse_options(
     if "format" in options:
         response_format = str(options["format"]).lower()
         if response_format not in RESPONSE_FORMATS:
-            raise RequestError(f"format must be one of {', '.join(RESPONSE_FORMATS)}; got {options['format']!r}")
+            raise RequestError(f"format must be one of {', '.join(RESPONSE_FORMATS)}; got {options['format']!a}")
     return result, response_format
 
 
