@@ -36,7 +36,8 @@ class YoloNASHandler:
         device = f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu"
         weights = os.path.join(model_dir, context.manifest["model"]["serializedFile"])
         names = load_names(model_dir, settings.num_classes)
-        self.detector = Detector.from_settings(settings, weights, names, context.model_name, device)
+        version = str(context.manifest["model"].get("modelVersion", ""))
+        self.detector = Detector.from_settings(settings, weights, names, context.model_name, device, version)
         self.detector.warm_up(tuple(sorted({1, int(properties.get("batch_size") or 1)})))
         logger.info(
             "YOLO-NAS %s ready: backend %s on %s, %d threads", context.model_name, settings.backend, device, threads
@@ -49,9 +50,15 @@ class YoloNASHandler:
         for i, response in enumerate(responses):
             context.set_response_content_type(i, response.content_type)
             if response.status != 200:
-                context.set_response_status(response.status, response.error or "", idx=i)
+                context.set_response_status(response.status, _reason_phrase(response.error), idx=i)
         _record_metrics(context.metrics, len(data), timings)
         return [response.body for response in responses]
+
+
+def _reason_phrase(message: str | None) -> str:
+    """TorchServe 0.12 frames the reason phrase by its length in characters, not bytes: a non-ASCII phrase corrupts
+    the reply and kills the worker. Escape it (the JSON body keeps the message as it is)."""
+    return (message or "").encode("ascii", "backslashreplace").decode("ascii")
 
 
 def _record_metrics(metrics: Any, batch_size: int, timings: Timings) -> None:

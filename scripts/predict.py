@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import requests
@@ -30,15 +31,24 @@ def option_headers(conf: float | None, iou: float | None, max_det: int | None, c
     return headers
 
 
+#  TorchServe answers these when a worker died under the request (crash, timeout, scale-down): retry once.
+RETRY_STATUSES = (500, 503, 507)
+
+
 def predict(
     endpoints: Endpoints, model: str, image: Path, headers: dict[str, str], picture: bool = False, timeout: float = 60
 ) -> requests.Response:
-    request_headers = {**endpoints.auth(), "Content-Type": MIME.get(image.suffix.lower(), "application/octet-stream")}
-    request_headers.update(headers)
+    request_headers = {"Content-Type": MIME.get(image.suffix.lower(), "application/octet-stream"), **headers}
     if picture:
         request_headers["Accept"] = "image/jpeg"
     url = f"{endpoints.inference}/predictions/{model}"
-    return requests.post(url, data=image.read_bytes(), headers=request_headers, timeout=timeout)
+    data = image.read_bytes()
+    for attempt in range(2):
+        response = requests.post(url, data=data, headers={**request_headers, **endpoints.auth()}, timeout=timeout)
+        if response.status_code not in RETRY_STATUSES or attempt:
+            return response
+        time.sleep(1.0)
+    return response
 
 
 def print_table(image: Path, result: dict) -> None:

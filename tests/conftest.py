@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "scripts"), str(REPO / "generated")]
@@ -69,6 +71,19 @@ def _variant(checkpoint: Path) -> str:
     from yolonas import read_checkpoint
 
     return read_checkpoint(checkpoint).variant
+
+
+def with_model_config(archive: Path, target: Path, **changes: object) -> Path:
+    """A copy of ``archive`` with ``changes`` applied to its model-config.yaml (None removes a key): for settings
+    TorchServe reads from the archive only, such as sequence batching, which scripts/archive.py has no flag for."""
+    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(target, "w") as copy:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename == "model-config.yaml":
+                config = {k: v for k, v in {**yaml.safe_load(data), **changes}.items() if v is not None}
+                data = yaml.safe_dump(config, sort_keys=False).encode()
+            copy.writestr(item, data)
+    return target
 
 
 @pytest.fixture(scope="session")

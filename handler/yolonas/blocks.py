@@ -5,7 +5,7 @@ Module and attribute names follow super-gradients so that its state dicts load w
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

@@ -71,9 +71,7 @@ def _spread_class_logits(model: YoloNAS, images: torch.Tensor) -> None:
         head.cls_pred.bias.copy_((head.cls_pred.bias - out.mean()) * scale + LOGIT_MEAN)
 
 
-def save_random_checkpoint(
-    path: str | Path, variant: str, num_classes: int = COCO_NUM_CLASSES, seed: int = 0
-) -> Path:
+def save_random_checkpoint(path: str | Path, variant: str, num_classes: int = COCO_NUM_CLASSES, seed: int = 0) -> Path:
     """Write ``{"net": state_dict}`` (the official layout) with seeded random weights to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,9 @@ def count_macs(model: nn.Module, height: int, width: int) -> int:
         else:
             total += output[0].numel() * (module.in_channels // module.groups) * kernel
 
-    hooks = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    hooks = [
+        m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))
+    ]
     try:
         with torch.no_grad():
             model(torch.zeros(1, 3, height, width, device="meta"))
@@ -51,7 +53,9 @@ def anchor_count(model: YoloNAS, height: int, width: int) -> int:
     return sum((height // s) * (width // s) for s in model.cfg.strides)
 
 
-def summarize(variant: str, num_classes: int = COCO_NUM_CLASSES, image_size: tuple[int, int] = (640, 640)) -> ModelSummary:
+def summarize(
+    variant: str, num_classes: int = COCO_NUM_CLASSES, image_size: tuple[int, int] = (640, 640)
+) -> ModelSummary:
     with torch.device("meta"):
         model = build_model(variant, num_classes).eval()
     params = sum(p.numel() for p in model.parameters())

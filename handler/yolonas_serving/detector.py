@@ -65,13 +65,20 @@ class Detector:
     pipeline: Pipeline
     names: list[str]
     model_name: str
+    model_version: str = ""
     defaults: NMSOptions = NMSOptions()
     limits: DecodeLimits = DecodeLimits()
     jpeg_draft: bool = True  # decode large JPEGs at reduced size when the pipeline shrinks them anyway
 
     @classmethod
     def from_settings(
-        cls, settings: HandlerSettings, weights: str, names: list[str], model_name: str, device: str = "cpu"
+        cls,
+        settings: HandlerSettings,
+        weights: str,
+        names: list[str],
+        model_name: str,
+        device: str = "cpu",
+        model_version: str = "",
     ) -> Detector:
         """The detector an archive describes (its handler settings, weights file and class names)."""
         runtime = build_runtime(settings.backend, weights, settings.variant, settings.num_classes, device)
@@ -80,6 +87,7 @@ class Detector:
             pipeline=Pipeline.from_spec(settings.pipeline),
             names=names,
             model_name=model_name,
+            model_version=model_version,
             defaults=settings.nms_options(),
             limits=settings.decode_limits(),
             jpeg_draft=settings.jpeg_draft,
@@ -126,7 +134,7 @@ class Detector:
             picture = draw_detections(item.image, detections, self.names)
             return Response(encode_jpeg(picture), content_type="image/jpeg")
         if item.request.v2:
-            body = render_v2(self.model_name, detections, self.names, size, item.request.request_id)
+            body = render_v2(self.model_name, detections, self.names, size, item.request.request_id, self.model_version)
         else:
             body = render_json(self.model_name, detections, self.names, size)
         return Response(json.dumps(body, separators=(",", ":")))

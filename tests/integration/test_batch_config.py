@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from grpc_client import GrpcClient
-from test_grpc import with_model_config
+from conftest import with_model_config
 
 import archive
 import server

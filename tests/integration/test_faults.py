@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import time
-import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,11 +18,10 @@ import batch_predict
 import psutil
 import pytest
 import requests
-import yaml
 
 import server
 from common import Endpoints
-from conftest import REPO
+from conftest import REPO, with_model_config
 
 MODEL = "yolo_nas_s"
 
@@ -126,14 +124,7 @@ def slow_archive(s_archive: Path, target: Path) -> Path:
     """The S archive with a 1 s response timeout and batches of up to 8 collected for 1 s: a batch of 8 640x640
     images needs several seconds of CPU, so it always exceeds the timeout (REST register parameters cannot
     override an archive's responseTimeout)."""
-    changes = {"responseTimeout": 1, "batchSize": 8, "maxBatchDelay": 1000}
-    with zipfile.ZipFile(s_archive) as source, zipfile.ZipFile(target, "w") as copy:
-        for item in source.infolist():
-            data = source.read(item.filename)
-            if item.filename == "model-config.yaml":
-                data = yaml.safe_dump({**yaml.safe_load(data), **changes}, sort_keys=False).encode()
-            copy.writestr(item, data)
-    return target
+    return with_model_config(s_archive, target, responseTimeout=1, batchSize=8, maxBatchDelay=1000)
 
 
 def test_a_response_timeout_is_an_error_not_a_hang(run_dir: Path, s_archive: Path, reference_dir, tmp_path):

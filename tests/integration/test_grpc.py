@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import grpc
@@ -15,24 +14,12 @@ import inference_pb2
 import inference_pb2_grpc
 import pytest
 import requests
-import yaml
 from grpc_client import GrpcClient, PredictionError
+
+from conftest import with_model_config
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "yolo_nas_s"
-
-
-def with_model_config(archive: Path, target: Path, **changes: object) -> Path:
-    """A copy of ``archive`` with ``changes`` applied to its model-config.yaml (None removes a key): for settings
-    TorchServe reads from the archive only, such as sequence batching, which scripts/archive.py has no flag for."""
-    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(target, "w") as copy:
-        for item in source.infolist():
-            data = source.read(item.filename)
-            if item.filename == "model-config.yaml":
-                config = {k: v for k, v in {**yaml.safe_load(data), **changes}.items() if v is not None}
-                data = yaml.safe_dump(config, sort_keys=False).encode()
-            copy.writestr(item, data)
-    return target
 
 
 def rest_predict(endpoints, image: bytes, headers: dict[str, str] | None = None) -> dict:
