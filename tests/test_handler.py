@@ -84,3 +84,11 @@ def test_unknown_handler_settings_fail_at_load():
         HandlerSettings.from_config({"confidence": 0.5})
     with pytest.raises(ValueError, match="unknown preprocessing step"):
         HandlerSettings.from_config({"pipeline": [{"Mosaic": {}}, "ImagePermute"]})
+
+
+def test_reason_phrases_are_ascii():
+    """TorchServe 0.12 frames the reason phrase by characters, not bytes: non-ASCII would kill the worker."""
+    import yolo_nas_handler
+
+    assert yolo_nas_handler._reason_phrase("unknown class 'chat noir ü'") == "unknown class 'chat noir \\xfc'"
+    assert yolo_nas_handler._reason_phrase(None) == ""
