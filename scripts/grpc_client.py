@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from predict import print_table  # the REST client's table: the JSON is the same
+from predict import add_request_arguments, print_table  # the REST client's: the JSON is the same
 
 from common import REPO, RUN_DIR, Endpoints
 
@@ -237,15 +237,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("predict", "one request per image"),
         ("stream", "the images as frames of one sequence"),
     ):
-        sub = commands.add_parser(command, help=help_text)
-        sub.add_argument("images", nargs="+", type=Path)
-        sub.add_argument("--model", default="yolo_nas_s")
-        sub.add_argument("--conf", type=float)
-        sub.add_argument("--iou", type=float)
-        sub.add_argument("--max-det", type=int)
-        sub.add_argument("--classes", help="comma-separated class ids or names")
-        sub.add_argument("--save", type=Path, help="write the annotated picture (a folder when several images)")
-        sub.add_argument("--json", action="store_true", help="print the raw JSON responses")
+        add_request_arguments(commands.add_parser(command, help=help_text))
     commands.choices["stream"].add_argument("--sequence-id", help="default: a new random id")
     register = commands.add_parser("register", help="register an archive of the model store")
     register.add_argument("archive")

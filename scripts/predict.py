@@ -62,8 +62,8 @@ def print_table(image: Path, result: dict) -> None:
         print(f"  {d['class_name']:<16} {d['score']:6.3f}  ({box})")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    """Images, model and per-request options: shared by the REST and gRPC clients."""
     parser.add_argument("images", nargs="+", type=Path)
     parser.add_argument("--model", default="yolo_nas_s")
     parser.add_argument("--conf", type=float)
@@ -72,6 +72,11 @@ def main() -> int:
     parser.add_argument("--classes", help="comma-separated class ids or names")
     parser.add_argument("--save", type=Path, help="write the annotated picture (a folder when several images)")
     parser.add_argument("--json", action="store_true", help="print the raw JSON responses")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_request_arguments(parser)
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR)
     args = parser.parse_args()
     endpoints = Endpoints.load(args.run_dir)
