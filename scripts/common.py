@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,13 @@ RUN_DIR = Path(os.environ.get("YOLONAS_RUN_DIR", REPO / "run"))
 
 if str(HANDLER_DIR) not in sys.path:
     sys.path.insert(0, str(HANDLER_DIR))
+
+
+def installed_command(name: str) -> str | None:
+    """Path of a console script such as ``torchserve``: the one beside this interpreter first, so a
+    non-activated ``.venv/bin/python scripts/...`` still finds its own venv's tools, else the one on PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else shutil.which(name)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import requests
 
-from common import MODEL_STORE, REPO, RUN_DIR, Endpoints
+from common import MODEL_STORE, REPO, RUN_DIR, Endpoints, installed_command
 
 CONFIG = REPO / "config.properties"
 PORT_KEYS = {
@@ -136,7 +136,8 @@ def start(
     """Start TorchServe in the background, wait until it answers /ping, register ``models``; raise if it fails."""
     if shutil.which("java") is None:
         raise ServerError("Java is not installed: TorchServe's frontend needs Java 11 or newer (17 recommended)")
-    if shutil.which("torchserve") is None:
+    torchserve = installed_command("torchserve")
+    if torchserve is None:
         raise ServerError("torchserve is not installed in this environment: pip install -r requirements.txt")
     run_dir = Path(run_dir).resolve()
     pid_file = run_dir / "server.pid"
@@ -150,7 +151,7 @@ def start(
     _check_ports(props)
     env = dict(os.environ, TMPDIR=str(run_dir / "tmp"), TEMP=str(run_dir / "tmp"))
     env.update(LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"))
-    command = ["torchserve", "--start", "--foreground", "--ncs", "--model-store", str(Path(model_store).resolve())]
+    command = [torchserve, "--start", "--foreground", "--ncs", "--model-store", str(Path(model_store).resolve())]
     command += ["--ts-config", str(config)]
     with open(run_dir / "logs" / "console.log", "ab") as log:
         process = subprocess.Popen(
