@@ -1,10 +1,86 @@
-"""Inference runtimes behind one call: float32 NCHW batch (numpy) -> (boxes [B, A, 4], scores [B, A, C]) on CPU."""
+"""Inference runtimes behind one call: float32 NCHW batch (numpy) -> (boxes [B, A, 4], scores [B, A, C]) on CPU.
+
+An archive names its backend (``model-config.yaml`` ``handler.backend``) and carries the file that backend loads:
+
+==============  =============================== =================================================================
+backend         serialized file                 runs
+==============  =============================== =================================================================
+torch           weights.pth                     eager PyTorch, fused, channels_last, fp32 (fp16 on a CUDA GPU)
+torch-bf16      weights.pth                     the same under bf16 autocast where the CPU has bf16 (else fp32)
+cuda-fp16       weights.pth                     eager PyTorch in fp16 on a CUDA GPU (pinned host memory)
+onnx            model.onnx                      ONNX Runtime (CUDA provider on a GPU when installed)
+openvino        model.xml (+ model.bin)         OpenVINO, fp32 inference precision
+openvino-bf16   model.xml (+ model.bin)         OpenVINO, bf16 inference precision where the CPU has it
+int8            model.xml (+ model.bin)         OpenVINO INT8 IR (NNCF post-training quantization)
+auto            weights.pth (+ openvino.xml/bin) chosen when the worker loads: see :func:`resolve_backend`
+==============  =============================== =================================================================
+
+onnxruntime and openvino are imported only by the runtime that needs them, so the torch path works without them.
+The box-decoding tail (softmax, expectation, anchors, sigmoid) runs in float32 in every backend.
+"""
 
 from __future__ import annotations
+
+import logging
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "torch-bf16", "cuda-fp16", "onnx", "openvino", "openvino-bf16", "int8")
+TORCH_PRECISION = {"torch": "fp32", "torch-bf16": "bf16", "cuda-fp16": "fp16"}
+OPENVINO_PRECISION = {"openvino": "f32", "openvino-bf16": "bf16", "int8": "f32"}
+#  What each backend's archive holds; ``auto`` also carries an OpenVINO IR under this name beside its weights.
+SERIALIZED_FILE = {"onnx": "model.onnx", "openvino": "model.xml", "openvino-bf16": "model.xml", "int8": "model.xml"}
+WEIGHTS_FILE = "weights.pth"
+AUTO_OPENVINO_FILE = "openvino.xml"
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 arithmetic (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: str, model_dir: str | Path) -> str:
+    """The concrete backend for ``auto`` (others pass through): fp16 on a CUDA device; else OpenVINO when the
+    archive carries an IR and openvino is installed (bf16 where the CPU has it); else torch (likewise)."""
+    if backend != "auto":
+        return backend
+    if device.startswith("cuda"):
+        return "cuda-fp16"
+    bf16 = cpu_has_bf16()
+    if (Path(model_dir) / AUTO_OPENVINO_FILE).is_file() and openvino_available():
+        return "openvino-bf16" if bf16 else "openvino"
+    return "torch-bf16" if bf16 else "torch"
+
+
+def torch_precision(backend: str, device: str) -> str:
+    """fp32, bf16 or fp16 for a torch backend on ``device``: every torch archive runs in fp16 on a GPU; bf16 only on
+    CPUs with native bf16 (elsewhere fp32, with a warning); cuda-fp16 without a GPU is an error."""
+    if device.startswith("cuda"):
+        return "fp16"
+    precision = TORCH_PRECISION[backend]
+    if precision == "fp16":
+        raise ValueError("backend cuda-fp16 needs a CUDA GPU; this worker has none")
+    if precision == "bf16" and not cpu_has_bf16():
+        logger.warning("this CPU has no native bf16: backend %s runs in fp32", backend)
+        return "fp32"
+    return precision
 
 
 class TorchRuntime:
@@ -19,28 +95,115 @@ class TorchRuntime:
         self.precision = precision
         model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.model = model.half() if precision == "fp16" else model
+        self._staging: torch.Tensor | None = None  # pinned host buffer, reused across CUDA calls
+
+    def _to_device(self, batch: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(batch)
+        if self.device.type != "cuda":
+            return x
+        # Page-locked memory lets the copy run asynchronously; the outputs' .cpu() waits for everything.
+        if self._staging is None or self._staging.shape != x.shape:
+            self._staging = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        self._staging.copy_(x)
+        return self._staging.to(self.device, non_blocking=True)
 
     def __call__(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(batch)
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = self._to_device(batch).contiguous(memory_format=torch.channels_last)
         if self.precision == "fp16":
             x = x.half()
-        with torch.inference_mode(), torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"),
         ):
             boxes, scores = self.model(x)
         return boxes.float().cpu(), scores.float().cpu()
 
 
-def build_runtime(backend: str, weights: str, variant: str, num_classes: int, device: str = "cpu") -> TorchRuntime:
-    """The runtime an archive asks for, loaded from its serialized file."""
-    from yolonas import load_model
+class OnnxRuntime:
+    """ONNX Runtime on an exported model (dynamic batch axis)."""
 
-    precision = {"torch": "fp32", "torch-bf16": "bf16", "cuda-fp16": "fp16"}.get(backend)
-    if precision is None:
-        raise ValueError(f"unknown backend {backend!r}")
-    if device.startswith("cuda") and precision == "fp32":
-        precision = "fp16"  # on a GPU the torch archive runs in half precision
-    return TorchRuntime(load_model(weights, variant, num_classes, fuse=True), device, precision)
+    def __init__(self, path: str | Path, threads: int = 1, device: str = "cpu"):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle threads spinning for work would steal the cores TorchServe's frontend and decoding need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(device.partition(":")[2] or 0)}))
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        boxes, scores = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        return torch.from_numpy(boxes), torch.from_numpy(scores)
+
+
+class OpenVINORuntime:
+    """OpenVINO on CPU, one compiled model for every batch size (the IR's batch axis is dynamic; interleaved
+    measurements showed no gain from per-size static compilations)."""
+
+    def __init__(self, path: str | Path, threads: int = 1, precision: str = "f32"):
+        import openvino as ov
+
+        core = ov.Core()
+        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            logger.warning("this CPU has no bf16: OpenVINO runs in fp32")
+            precision = "f32"
+        self.precision = precision
+        config = {
+            "INFERENCE_NUM_THREADS": threads,
+            "INFERENCE_PRECISION_HINT": precision,
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+            # Each worker would pin its threads to the same first cores; the OS spreads workers (and TorchServe's
+            # frontend) better.
+            "ENABLE_CPU_PINNING": False,
+        }
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        self.request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)}, share_inputs=True)
+        # The request reuses its output buffers on the next call: copy them out.
+        boxes, scores = (torch.from_numpy(self.request.get_output_tensor(i).data.copy()) for i in range(2))
+        return boxes, scores
+
+
+Runtime = TorchRuntime | OnnxRuntime | OpenVINORuntime
+
+
+def build_runtime(
+    backend: str,
+    path: str | Path,
+    variant: str,
+    num_classes: int,
+    device: str = "cpu",
+    threads: int | None = None,
+) -> Runtime:
+    """The runtime an archive asks for, loaded from its serialized file ``path`` (other files sit beside it).
+
+    ``threads`` defaults to torch's current setting, which the handler sets from the archive's settings.
+    """
+    threads = threads or torch.get_num_threads()
+    model_dir = Path(path).parent
+    concrete = resolve_backend(backend, device, model_dir)
+    if backend == "auto":
+        logger.info("backend auto -> %s", concrete)
+    if concrete in TORCH_PRECISION:
+        from yolonas import load_model
+
+        weights = model_dir / WEIGHTS_FILE if backend == "auto" else path
+        precision = torch_precision(concrete, device)
+        return TorchRuntime(load_model(weights, variant, num_classes, fuse=True), device, precision)
+    if device.startswith("cuda") and concrete != "onnx":
+        logger.warning("backend %s runs on the CPU, not on %s", concrete, device)
+    if concrete == "onnx":
+        return OnnxRuntime(path, threads, device)
+    if concrete in OPENVINO_PRECISION:
+        ir = model_dir / AUTO_OPENVINO_FILE if backend == "auto" else path
+        return OpenVINORuntime(ir, threads, OPENVINO_PRECISION[concrete])
+    raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")

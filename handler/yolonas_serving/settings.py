@@ -10,6 +10,7 @@ from .classes import default_names
 from .decode import DecodeLimits
 from .pipeline import COCO_PIPELINE, Pipeline
 from .postprocess import NMSOptions
+from .runtime import BACKENDS
 
 #  super-gradients' predict() defaults for COCO models.
 DEFAULT_NMS = NMSOptions(conf=0.25, iou=0.7, pre_nms_top_k=1024, max_det=300, multi_label=True)
@@ -31,6 +32,10 @@ class HandlerSettings:
     max_image_bytes: int = DecodeLimits.max_bytes
     max_image_pixels: int = DecodeLimits.max_pixels
     jpeg_draft: bool = True  # decode large JPEGs at 1/2..1/8 scale when the pipeline shrinks them below that anyway
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
 
     @classmethod
     def from_config(cls, section: dict[str, Any] | None) -> HandlerSettings:

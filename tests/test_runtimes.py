@@ -1,0 +1,235 @@
+"""Runtimes behind one call: torch (fp32, bf16, fp16 selection), ONNX Runtime and OpenVINO give the model's
+outputs at any batch size; INT8 keeps the decoding tail in float; the torch path needs neither onnxruntime nor
+openvino; backends are validated and ``auto`` resolves per host."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from yolonas import load_model, read_checkpoint
+from yolonas.export import export_onnx
+from yolonas_serving import runtime as rt
+from yolonas_serving.pipeline import COCO_PIPELINE
+from yolonas_serving.runtime import OnnxRuntime, TorchRuntime, build_runtime, resolve_backend, torch_precision
+from yolonas_serving.settings import HandlerSettings
+
+BOX_ATOL, SCORE_ATOL = 0.1, 1e-3  # ../shared/reference/README.md
+SIZE = (160, 224)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(random_checkpoint):
+    return random_checkpoint("s")
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return load_model(checkpoint, fuse=True)
+
+
+@pytest.fixture(scope="module")
+def dynamic_onnx(model, tmp_path_factory):
+    return export_onnx(model, tmp_path_factory.mktemp("onnx") / "model.onnx", input_size=None)
+
+
+@pytest.fixture(scope="module")
+def openvino_ir(checkpoint, tmp_path_factory):
+    pytest.importorskip("openvino")
+    from convert import write_backend_files
+
+    folder = tmp_path_factory.mktemp("openvino")
+    xml, beside = write_backend_files("openvino", read_checkpoint(checkpoint), SIZE, folder)
+    assert xml.name == "model.xml" and [p.name for p in beside] == ["model.bin"]
+    return xml
+
+
+def batch(n: int, height: int = SIZE[0], width: int = SIZE[1], seed: int = 0) -> np.ndarray:
+    coarse = torch.rand(n, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear").numpy()
+
+
+def expected(model, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return model(torch.from_numpy(x))
+
+
+def assert_close(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]) -> None:
+    assert got[0].dtype == got[1].dtype == torch.float32 and got[0].device.type == "cpu"
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=BOX_ATOL)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=SCORE_ATOL)
+
+
+# -- torch ----------------------------------------------------------------------------------------------------------
+
+
+def test_torch_fp32_channels_last_matches_model(model):
+    runtime = TorchRuntime(model, "cpu", "fp32")
+    for n in (1, 3):
+        x = batch(n, seed=n)
+        assert_close(runtime(x), expected(model, x))
+
+
+@pytest.mark.skipif(not rt.cpu_has_bf16(), reason="this CPU has no native bf16")
+def test_torch_bf16_returns_float32_in_the_contract(model):
+    boxes, scores = TorchRuntime(model, "cpu", "bf16")(batch(2))
+    assert boxes.dtype == scores.dtype == torch.float32
+    assert boxes.shape == (2, 735, 4) and scores.shape == (2, 735, 80)
+    assert (boxes[..., 2:] >= boxes[..., :2]).all()  # float decoding: expected distances are never negative
+
+
+def test_torch_precision_per_device(monkeypatch):
+    assert torch_precision("torch", "cuda:0") == "fp16"
+    assert torch_precision("torch-bf16", "cuda:1") == "fp16"
+    assert torch_precision("cuda-fp16", "cuda:0") == "fp16"
+    assert torch_precision("torch", "cpu") == "fp32"
+    monkeypatch.setattr(rt, "cpu_has_bf16", lambda: True)
+    assert torch_precision("torch-bf16", "cpu") == "bf16"
+    monkeypatch.setattr(rt, "cpu_has_bf16", lambda: False)
+    assert torch_precision("torch-bf16", "cpu") == "fp32"
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        torch_precision("cuda-fp16", "cpu")
+
+
+def test_fp16_refused_on_cpu(model, checkpoint):
+    with pytest.raises(ValueError, match="CUDA"):
+        TorchRuntime(model, "cpu", "fp16")
+    with pytest.raises(ValueError, match="CUDA"):
+        build_runtime("cuda-fp16", checkpoint, "s", 80, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_fp16_close_to_fp32(model):
+    x = batch(2)
+    boxes, scores = TorchRuntime(copy.deepcopy(model), "cuda", "fp16")(x)  # the runtime moves its model
+    want = expected(model, x)
+    assert boxes.device.type == "cpu" and boxes.dtype == torch.float32
+    assert (scores - want[1]).abs().max() < 0.05
+
+
+# -- backend names and auto ---------------------------------------------------------------------------------------
+
+
+def test_settings_validate_backend():
+    for backend in rt.BACKENDS:
+        assert HandlerSettings.from_config({"backend": backend}).backend == backend
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
+        HandlerSettings.from_config({"backend": "tensorrt"})
+
+
+def test_auto_resolves_per_host(monkeypatch, tmp_path):
+    assert resolve_backend("auto", "cuda:0", tmp_path) == "cuda-fp16"
+    assert resolve_backend("int8", "cpu", tmp_path) == "int8"  # explicit choices pass through
+    monkeypatch.setattr(rt, "openvino_available", lambda: True)
+    for has_bf16, without_ir, with_ir in ((True, "torch-bf16", "openvino-bf16"), (False, "torch", "openvino")):
+        monkeypatch.setattr(rt, "cpu_has_bf16", lambda value=has_bf16: value)
+        (tmp_path / rt.AUTO_OPENVINO_FILE).unlink(missing_ok=True)
+        assert resolve_backend("auto", "cpu", tmp_path) == without_ir
+        (tmp_path / rt.AUTO_OPENVINO_FILE).touch()
+        assert resolve_backend("auto", "cpu", tmp_path) == with_ir
+    monkeypatch.setattr(rt, "openvino_available", lambda: False)
+    assert resolve_backend("auto", "cpu", tmp_path) == "torch"
+
+
+def test_torch_path_without_onnxruntime_openvino_nncf(checkpoint, tmp_path):
+    """The optional runtimes are imported lazily: a host without them serves torch archives (and auto -> torch)."""
+    (tmp_path / "weights.pth").symlink_to(checkpoint)
+    (tmp_path / rt.AUTO_OPENVINO_FILE).touch()
+    code = textwrap.dedent(f"""
+        import json, sys
+        for name in ("onnxruntime", "openvino", "nncf"):
+            sys.modules[name] = None  # any import of them now fails
+        sys.path.insert(0, {str(REPO / "handler")!r})
+        import numpy as np
+        from yolonas_serving import runtime
+        from yolonas_serving.detector import Detector
+        from yolonas_serving.settings import HandlerSettings
+        out = {{"openvino": runtime.openvino_available()}}
+        for backend in ("torch", "auto"):
+            run = runtime.build_runtime(backend, {str(tmp_path / "weights.pth")!r}, "s", 80, threads=1)
+            boxes, scores = run(np.zeros((2, 3, 64, 96), np.float32))
+            out[backend] = [type(run).__name__, list(boxes.shape), list(scores.shape)]
+        print(json.dumps(out))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["openvino"] is False
+    assert out["torch"] == out["auto"] == ["TorchRuntime", [2, 126, 4], [2, 126, 80]]
+
+
+# -- ONNX Runtime and OpenVINO ------------------------------------------------------------------------------------
+
+
+def test_onnx_runtime_any_batch_and_size(model, dynamic_onnx):
+    pytest.importorskip("onnxruntime")
+    runtime = OnnxRuntime(dynamic_onnx, threads=1)
+    assert runtime.session.get_session_options().intra_op_num_threads == 1
+    for n, height, width in ((1, *SIZE), (4, *SIZE), (2, 96, 320)):
+        x = batch(n, height, width, seed=n)
+        assert_close(runtime(x), expected(model, x))
+
+
+def test_openvino_fp32_any_batch(model, openvino_ir):
+    runtime = build_runtime("openvino", openvino_ir, "s", 80, threads=1)
+    assert isinstance(runtime, rt.OpenVINORuntime)
+    assert runtime.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert str(runtime.compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'float32'>"
+    first = None
+    for n in (1, 3, 2):
+        x = batch(n, seed=n)
+        got = runtime(x)
+        assert_close(got, expected(model, x))
+        first = first if first is not None else got[0]
+    assert first.shape == (1, 735, 4)  # outputs are copies, not views of the request's reused buffers
+
+
+def test_openvino_dynamic_size(model, dynamic_onnx):
+    pytest.importorskip("openvino")
+    runtime = rt.OpenVINORuntime(dynamic_onnx, threads=1, precision="f32")
+    for n, height, width in ((1, 128, 192), (2, 224, 96)):
+        x = batch(n, height, width)
+        assert_close(runtime(x), expected(model, x))
+
+
+@pytest.mark.skipif(not rt.cpu_has_bf16(), reason="this CPU has no native bf16")
+def test_openvino_bf16_precision(openvino_ir):
+    runtime = build_runtime("openvino-bf16", openvino_ir, "s", 80, threads=1)
+    assert str(runtime.compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'bfloat16'>"
+    boxes, scores = runtime(batch(2))
+    assert boxes.dtype == torch.float32 and (boxes[..., 2:] >= boxes[..., :2]).all()
+
+
+def test_int8_leaves_decoding_tail_in_float(openvino_ir, tmp_path):
+    pytest.importorskip("nncf")
+    import openvino as ov
+    from quantize import DECODING_TAIL, calibration_batches, quantize_int8
+    from synthetic_shapes import write_shapes_images
+
+    write_shapes_images(tmp_path / "images", 3, seed=2, size=200)
+    batches = calibration_batches(tmp_path / "images", COCO_PIPELINE.with_input_size(*SIZE))
+    assert len(batches) == 3 and batches[0].shape == (1, 3, *SIZE)
+    quantized = quantize_int8(ov.Core().read_model(str(openvino_ir)), batches)
+    fake_quantized = [op for op in quantized.get_ordered_ops() if op.get_type_name() == "FakeQuantize"]
+    assert len(fake_quantized) > 50
+    fed = {
+        target.get_node().get_friendly_name()
+        for op in fake_quantized
+        for output in op.outputs()
+        for target in output.get_target_inputs()
+    }
+    assert not [name for name in fed if re.match(DECODING_TAIL, name)]
+    assert any("reg_pred" in name for name in fed) and any("cls_pred" in name for name in fed)
+    ov.save_model(quantized, tmp_path / "model.xml", compress_to_fp16=False)
+    boxes, scores = build_runtime("int8", tmp_path / "model.xml", "s", 80, threads=1)(batch(2))
+    assert boxes.shape == (2, 735, 4) and torch.isfinite(boxes).all()
+    assert (boxes[..., 2:] >= boxes[..., :2]).all() and ((scores >= 0) & (scores <= 1)).all()
