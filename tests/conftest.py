@@ -75,7 +75,7 @@ def _variant(checkpoint: Path) -> str:
 
 def with_model_config(archive: Path, target: Path, **changes: object) -> Path:
     """A copy of ``archive`` with ``changes`` applied to its model-config.yaml (None removes a key): for settings
-    TorchServe reads from the archive only, such as sequence batching, which scripts/archive.py has no flag for."""
+    TorchServe reads from the archive only that scripts/archive.py has no flag for (responseTimeout, no batching)."""
     with zipfile.ZipFile(archive) as source, zipfile.ZipFile(target, "w") as copy:
         for item in source.infolist():
             data = source.read(item.filename)

@@ -124,13 +124,14 @@ def test_archive_records_the_checkpoint_choices(tmp_path, model):
     assert handler["preprocessing_source"] == "checkpoint processing_params"
     assert (handler["conf"], handler["iou"], handler["num_classes"]) == (0.45, 0.55, 3)
     assert names == {"0": "cat", "1": "dog", "2": "bird"}
+    assert "sequenceBatching" not in config
 
 
 def test_flags_override_the_checkpoint(tmp_path, model):
     path = trainer_checkpoint(tmp_path / "ckpt.pth", model, processing_params(PIPELINES["bottom_right_320"]))
     (tmp_path / "names.txt").write_text("tabby\nbeagle\nrobin\n")
     flags = ["--input-size", "512", "640", "--padding", "center", "--names", str(tmp_path / "names.txt"),
-             "--conf", "0.5", "--iou", "0.4"]  # fmt: skip
+             "--conf", "0.5", "--iou", "0.4", "--batch-size", "2", "--sequence-batching"]  # fmt: skip
     assert (
         archive.main(
             ["--variant", "s", "--weights", path, "--model-name", "over", "--export-path", str(tmp_path), *flags]
@@ -145,6 +146,7 @@ def test_flags_override_the_checkpoint(tmp_path, model):
     ]
     assert "input size overridden to 512x640" in handler["preprocessing_source"]
     assert (handler["conf"], handler["iou"]) == (0.5, 0.4) and names["1"] == "beagle"
+    assert (config["batchSize"], config["sequenceBatching"], config["sequenceMaxIdleMSec"]) == (2, True, 10_000)
 
 
 def test_without_processing_params_the_coco_defaults_apply_and_say_so(tmp_path, random_checkpoint):

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from grpc_client import GrpcClient
-from conftest import with_model_config
 
 import archive
 import server
+from conftest import with_model_config
 
 MODEL = "yolo_nas_s"
 ARCHIVE = (archive.DEFAULT_BATCH_SIZE, archive.DEFAULT_MAX_BATCH_DELAY_MS)  # what scripts/archive.py writes

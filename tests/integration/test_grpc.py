@@ -16,7 +16,7 @@ import pytest
 import requests
 from grpc_client import GrpcClient, PredictionError
 
-from conftest import with_model_config
+from conftest import build_archive
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "yolo_nas_s"
@@ -107,10 +107,9 @@ def test_management_lifecycle(client, s_archive: Path):
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_stream_of_frames_equals_single_predictions(client, endpoints, images, s_archive: Path, model_store: Path):
+def test_stream_of_frames_equals_single_predictions(client, endpoints, images, random_checkpoint, model_store: Path):
     name = "yolo_nas_s_stream"
-    archive = with_model_config(s_archive, model_store / f"{name}.mar", sequenceBatching=True,
-                                sequenceMaxIdleMSec=10_000, maxNumSequence=4)  # fmt: skip
+    archive = build_archive(random_checkpoint("s"), model_store, name, "--sequence-batching")
     client.register(archive.name, name=name)
     try:
         frames = [images[0], images[1], images[0]]
