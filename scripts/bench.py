@@ -94,7 +94,7 @@ def handler_once(detector: Detector, jpeg: bytes) -> dict[str, float]:
     """Milliseconds per stage of one image through the in-process chain (as one TorchServe row)."""
     start = time.perf_counter()
     draft = detector.pipeline.shrinks_to if detector.jpeg_draft else None
-    decode_image(jpeg, detector.limits, min_side=draft)
+    decode_image(jpeg, detector.limits, min_longest_side=draft)
     decoded = time.perf_counter()
     prepared = detector.prepare(ImageRequest(jpeg))  # decodes again: preprocess = prepare - decode
     prepared_at = time.perf_counter()

@@ -88,11 +88,14 @@ def test_sixteen_bit_grey_keeps_its_range():
 
 def test_large_jpeg_decodes_at_reduced_size_but_reports_full_size():
     data = encode(gradient(2000, 1600), "JPEG", quality=90)
-    drafted = decode_image(data, min_side=400)
-    assert drafted.pixels.shape == (400, 500, 3)  # 1/4 scale keeps both sides >= 400
+    drafted = decode_image(data, min_longest_side=400)
+    assert drafted.pixels.shape == (400, 500, 3)  # 1/4 keeps the longest side >= 400, 1/8 would not
     assert drafted.original_size == (2000, 1600)
-    assert decode_image(data, min_side=1000).pixels.shape == (1600, 2000, 3)  # 1/2 would go below 1000
-    assert decode_image(encode(gradient(2000, 1600), "PNG"), min_side=400).pixels.shape == (1600, 2000, 3)
+    assert decode_image(data, min_longest_side=1000).pixels.shape == (800, 1000, 3)
+    assert decode_image(data, min_longest_side=1001).pixels.shape == (1600, 2000, 3)  # 1/2 would go below
+    assert decode_image(encode(gradient(2000, 1600), "PNG"), min_longest_side=400).pixels.shape == (1600, 2000, 3)
+    # A 720p frame halves for the COCO pipeline (longest side to 636), whatever its short side.
+    assert decode_image(encode(gradient(1280, 720), "JPEG"), min_longest_side=636).pixels.shape == (360, 640, 3)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from yolonas_serving.pipeline import COCO_PIPELINE, BoxTransform, Pipeline, PipelineError
+from yolonas_serving.pipeline import COCO_PIPELINE, BoxTransform, Pipeline, PipelineError, StandardizeImage
 
 SHAPES_PARAMS = {
     "class_names": ["circle", "square", "triangle", "ring_rect"],
@@ -161,3 +161,11 @@ def test_box_transform_is_identity_without_geometry():
     transform = BoxTransform(original_size=(10, 10))
     boxes = np.array([[1, 2, 3, 4]], dtype=np.float32)
     np.testing.assert_array_equal(transform.to_original(boxes), boxes)
+
+
+@pytest.mark.parametrize("max_value", [255.0, 1.0, 127.5])
+def test_standardize_in_float32_equals_float64_division(max_value):
+    every_byte = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
+    out, _ = StandardizeImage(max_value).apply(every_byte, BoxTransform(original_size=(16, 16)))
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, (every_byte / max_value).astype(np.float32))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -78,19 +79,24 @@ class DecodedImage:
 
 
 def decode_image(
-    data: bytes | bytearray | memoryview, limits: DecodeLimits = DecodeLimits(), min_side: int | None = None
+    data: bytes | bytearray | memoryview,
+    limits: DecodeLimits = DecodeLimits(),
+    min_longest_side: int | None = None,
 ) -> DecodedImage:
     """Decode the first frame to RGB uint8 with EXIF orientation applied.
 
-    ``min_side`` lets a large JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, an area average) as long
-    as both sides stay at least ``min_side``: when the pipeline shrinks the image below that anyway, decoding the
-    full resolution only to throw it away costs time and changes nothing the network sees beyond resampling noise.
+    ``min_longest_side`` lets a large JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, an area average)
+    as long as its longest side stays at least that long: when the pipeline then shrinks the longest side to exactly
+    that, decoding the full resolution only to throw it away costs time and changes nothing the network sees beyond
+    resampling noise (the difference is that of choosing another resize filter).
     """
     image = open_image(data, limits)
     full_size = image.size
     try:
-        if min_side is not None and image.format in ("JPEG", "MPO"):
-            image.draft("RGB", (min_side, min_side))
+        if min_longest_side is not None and image.format in ("JPEG", "MPO"):
+            # draft() keeps both sides at least the requested ones: ask for the image's own shape at that length.
+            ratio = min_longest_side / max(full_size)
+            image.draft("RGB", (math.ceil(full_size[0] * ratio), math.ceil(full_size[1] * ratio)))
         image.load()
         stored_size = image.size
         oriented = _apply_orientation(image)

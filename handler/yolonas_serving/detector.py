@@ -96,7 +96,7 @@ class Detector:
     def prepare(self, request: ImageRequest, accept: str | None = None) -> Prepared:
         options, response_format = parse_options(request.options, self.defaults, self.names, accept)
         draft_side = self.pipeline.shrinks_to if self.jpeg_draft and response_format == "json" else None
-        image = decode_image(request.image, self.limits, min_side=draft_side)
+        image = decode_image(request.image, self.limits, min_longest_side=draft_side)
         tensor, transform = self.pipeline(image.pixels, image.original_size)
         keep = image.pixels if response_format == "jpeg" else None
         return Prepared(tensor, transform, options, response_format, request, keep)

@@ -195,7 +195,9 @@ class StandardizeImage(Step):
     name: ClassVar[str] = "StandardizeImage"
 
     def apply(self, image: np.ndarray, transform: BoxTransform) -> tuple[np.ndarray, BoxTransform]:
-        return (image / self.max_value).astype(np.float32), transform
+        # float32 arithmetic is 3-4x faster than numpy's float64 default and, for uint8 input and a max_value that
+        # float32 holds exactly (255 and other usual ones), gives the very same values (tests check every byte).
+        return image.astype(np.float32) / np.float32(self.max_value), transform
 
     def spec(self) -> dict[str, Any]:
         return {self.name: {"max_value": self.max_value}}
