@@ -280,3 +280,9 @@ def test_downloads_validates_and_falls_back(tmp_path, monkeypatch, file_server, 
     monkeypatch.setattr(get_weights, "SOURCES", sources(refused_url(), refused_url()))
     assert get_weights.main(["--variant", "s", "--out", str(out)]) == 0
     assert "already present" in capsys.readouterr().out
+
+
+def test_model_info_times_fusion(capsys):
+    (row,) = json.loads(run_model_info(capsys, "--variant", "s", "--image-size", "64", "64", "--time", "1", "--json"))
+    assert row["params"] == 19_053_888 and row["unfused_ms"] > 0 and row["fused_ms"] > 0
+    assert row["speedup"] == pytest.approx(row["unfused_ms"] / row["fused_ms"])
