@@ -254,7 +254,7 @@ def main() -> int:
     parser.add_argument("models", nargs="*", help="archives in the model store to register at start (name or name.mar)")
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR)
     parser.add_argument("--model-store", type=Path, default=MODEL_STORE)
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # "start --run-dir DIR MODEL" as well as "--run-dir DIR start MODEL"
     try:
         if args.command == "start":
             missing = [
