@@ -15,6 +15,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 
 from yolonas_serving.classes import load_names
 from yolonas_serving.detector import Detector, Timings
+from yolonas_serving.runtime import TorchRuntime
 from yolonas_serving.settings import HandlerSettings
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,10 @@ class YoloNASHandler:
         names = load_names(model_dir, settings.num_classes)
         version = str(context.manifest["model"].get("modelVersion", ""))
         self.detector = Detector.from_settings(settings, weights, names, context.model_name, device, version)
+        if not isinstance(self.detector.runtime, TorchRuntime):
+            # torch is left with small glue ops (stacking, NMS); with several threads, its idle OpenMP threads would
+            # spin on the cores the runtime's own threads compute on.
+            torch.set_num_threads(1)
         self.detector.warm_up(tuple(sorted({1, int(properties.get("batch_size") or 1)})))
         logger.info(
             "YOLO-NAS %s ready: backend %s on %s, %d threads", context.model_name, settings.backend, device, threads

@@ -151,6 +151,9 @@ def start(
     _check_ports(props)
     env = dict(os.environ, TMPDIR=str(run_dir / "tmp"), TEMP=str(run_dir / "tmp"))
     env.update(LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"))
+    # Workers share the cores with the frontend and each other: OpenMP threads that spin while waiting for work
+    # steal them (served S measured 0-35% more images/s with passive waiting, every backend; see README).
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     command = [torchserve, "--start", "--foreground", "--ncs", "--model-store", str(Path(model_store).resolve())]
     command += ["--ts-config", str(config)]
     with open(run_dir / "logs" / "console.log", "ab") as log:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import soak
 
 from conftest import REPO
 
@@ -57,3 +58,10 @@ def test_status_lists_models_and_workers(endpoints):
 def test_stop_without_a_server_is_harmless(tmp_path: Path):
     result = serve("stop", env={**os.environ, "YOLONAS_RUN_DIR": str(tmp_path)})
     assert result.returncode == 0 and "no server was running" in result.stdout
+
+
+def test_workers_wait_passively(endpoints):
+    """server.py starts TorchServe with OMP_WAIT_POLICY=PASSIVE unless the caller chose a policy; workers inherit it."""
+    (pid,) = soak.worker_pids(endpoints, "yolo_nas_s")
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}".encode() in environ
