@@ -22,7 +22,6 @@ Output: progress on stderr; at the end one JSON line per row, then tables.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
@@ -43,8 +42,8 @@ from synthetic_shapes import shapes_image, write_shapes_images
 import archive
 import server
 from common import Endpoints
-from yolonas_serving.decode import decode_image
 from yolonas_serving.detector import Detector, Timings
+from yolonas_serving.draw import encode_jpeg
 from yolonas_serving.protocol import ImageRequest
 
 ALL_BACKENDS = ("torch", "torch-bf16", "onnx", "openvino", "openvino-bf16", "int8")
@@ -84,17 +83,13 @@ def round_robin(calls: dict[str, Callable[[], Any]], repeats: int, budget_s: flo
 
 def test_jpeg(seed: int = 0) -> bytes:
     """A 1280x720 JPEG of synthetic shapes (quality 90)."""
-    pixels = shapes_image(np.random.default_rng(seed), size=1280)[:720]
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
+    return encode_jpeg(Image.fromarray(shapes_image(np.random.default_rng(seed), size=1280)[:720]), quality=90)
 
 
 def handler_once(detector: Detector, jpeg: bytes) -> dict[str, float]:
     """Milliseconds per stage of one image through the in-process chain (as one TorchServe row)."""
     start = time.perf_counter()
-    draft = detector.pipeline.shrinks_to if detector.jpeg_draft else None
-    decode_image(jpeg, detector.limits, min_longest_side=draft)
+    detector.decode(jpeg)
     decoded = time.perf_counter()
     prepared = detector.prepare(ImageRequest(jpeg))  # decodes again: preprocess = prepare - decode
     prepared_at = time.perf_counter()

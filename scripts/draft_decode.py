@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import shutil
 import statistics
 import sys
@@ -35,16 +34,11 @@ from val import EvalOptions, detections_from_response, evaluate, local_detector,
 
 from common import REPO
 from yolonas_serving.decode import decode_image
+from yolonas_serving.draw import encode_jpeg
 from yolonas_serving.pipeline import COCO_PIPELINE
 from yolonas_serving.postprocess import Detections
 
 SIZES = ((4000, 3000), (1920, 1080), (1280, 720))
-
-
-def jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
 
 
 def network_input(data: bytes, draft: bool) -> np.ndarray:
@@ -70,7 +64,7 @@ def time_sizes(repeats: int) -> None:
     print(f"{'JPEG':>10} {'full ms':>8} {'draft ms':>8} {'saved':>6} | {'draft vs full':>13} {'max':>5} | "
           f"{'area vs full':>12} {'max':>5}")  # fmt: skip
     for width, height in SIZES:
-        data = jpeg(shapes_image(rng, size=width)[:height])
+        data = encode_jpeg(Image.fromarray(shapes_image(rng, size=width)[:height]), quality=90)
         times: dict[bool, list[float]] = {True: [], False: []}
         for _ in range(repeats + 1):  # the first round warms up
             for draft in (False, True):

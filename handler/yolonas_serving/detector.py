@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .decode import DecodeLimits, decode_image
+from .decode import DecodedImage, DecodeLimits, decode_image
 from .draw import draw_detections, encode_jpeg
 from .errors import RequestError
 from .pipeline import BoxTransform, Pipeline
@@ -93,10 +93,14 @@ class Detector:
             jpeg_draft=settings.jpeg_draft,
         )
 
+    def decode(self, data: bytes, response_format: str = "json") -> DecodedImage:
+        """Decode within the archive's limits; at reduced size where allowed (never for annotated pictures)."""
+        draft_side = self.pipeline.shrinks_to if self.jpeg_draft and response_format == "json" else None
+        return decode_image(data, self.limits, min_longest_side=draft_side)
+
     def prepare(self, request: ImageRequest, accept: str | None = None) -> Prepared:
         options, response_format = parse_options(request.options, self.defaults, self.names, accept)
-        draft_side = self.pipeline.shrinks_to if self.jpeg_draft and response_format == "json" else None
-        image = decode_image(request.image, self.limits, min_longest_side=draft_side)
+        image = self.decode(request.image, response_format)
         tensor, transform = self.pipeline(image.pixels, image.original_size)
         keep = image.pixels if response_format == "jpeg" else None
         return Prepared(tensor, transform, options, response_format, request, keep)
