@@ -7,15 +7,13 @@ archive holds this file, the ``yolonas`` and ``yolonas_serving`` packages, the w
 from __future__ import annotations
 
 import logging
-import os
+import time
 from typing import Any
 
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
-from yolonas_serving.classes import load_names
 from yolonas_serving.detector import Detector, Timings
-from yolonas_serving.runtime import TorchRuntime
 from yolonas_serving.settings import HandlerSettings
 
 logger = logging.getLogger(__name__)
@@ -35,11 +33,8 @@ class YoloNASHandler:
         torch.set_num_threads(threads)
         gpu_id = properties.get("gpu_id")
         device = f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu"
-        weights = os.path.join(model_dir, context.manifest["model"]["serializedFile"])
-        names = load_names(model_dir, settings.num_classes)
-        version = str(context.manifest["model"].get("modelVersion", ""))
-        self.detector = Detector.from_settings(settings, weights, names, context.model_name, device, version)
-        if not isinstance(self.detector.runtime, TorchRuntime):
+        self.detector = Detector.from_model_dir(model_dir, device, context.model_name)
+        if not self.detector.runtime.uses_torch_threads:
             # torch is left with small glue ops (stacking, NMS); with several threads, its idle OpenMP threads would
             # spin on the cores the runtime's own threads compute on.
             torch.set_num_threads(1)
@@ -50,13 +45,16 @@ class YoloNASHandler:
         self.initialized = True
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str | bytes]:
+        start = time.perf_counter()
         headers = [context.get_all_request_header(i) for i in range(len(data))]
         responses, timings = self.detector.handle(data, headers)
         for i, response in enumerate(responses):
             context.set_response_content_type(i, response.content_type)
+            for key, value in response.headers.items():  # TorchServe 0.12 sends these on as HTTP headers
+                context.set_response_header(i, key, value)
             if response.status != 200:
                 context.set_response_status(response.status, _reason_phrase(response.error), idx=i)
-        _record_metrics(context.metrics, len(data), timings)
+        _record_metrics(context.metrics, len(data), timings, time.perf_counter() - start)
         return [response.body for response in responses]
 
 
@@ -66,12 +64,16 @@ def _reason_phrase(message: str | None) -> str:
     return (message or "").encode("ascii", "backslashreplace").decode("ascii")
 
 
-def _record_metrics(metrics: Any, batch_size: int, timings: Timings) -> None:
-    """Per batch: stage times and batch size (gauges); images and detections (counters: their ratio is the
-    mean number of detections per image)."""
-    metrics.add_time("YoloNASPreprocessMs", timings.preprocess_ms)
-    metrics.add_time("YoloNASInferenceMs", timings.inference_ms)
-    metrics.add_time("YoloNASPostprocessMs", timings.postprocess_ms)
+def _record_metrics(metrics: Any, batch_size: int, timings: Timings, handler_s: float) -> None:
+    """Stage times per batch and the handler's time per answered image as histograms in seconds (TorchServe's
+    frontend exports them with Prometheus' default buckets, see metrics.yaml); batch size as a gauge; images and
+    detections as counters (their ratio is the mean number of detections per image)."""
+    histogram = MetricTypes.HISTOGRAM
+    metrics.add_time("YoloNASPreprocessSeconds", timings.preprocess_ms / 1000, unit="s", metric_type=histogram)
+    metrics.add_time("YoloNASInferenceSeconds", timings.inference_ms / 1000, unit="s", metric_type=histogram)
+    metrics.add_time("YoloNASPostprocessSeconds", timings.postprocess_ms / 1000, unit="s", metric_type=histogram)
+    for _ in timings.detections:
+        metrics.add_time("YoloNASImageSeconds", handler_s, unit="s", metric_type=histogram)
     metrics.add_metric("YoloNASBatchSize", batch_size, unit="count", metric_type=MetricTypes.GAUGE)
     metrics.add_counter("YoloNASImages", len(timings.detections))
     metrics.add_counter("YoloNASDetections", sum(timings.detections))

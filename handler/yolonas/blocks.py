@@ -18,6 +18,13 @@ def batch_norm(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
+def fold_batch_norm(weight: Tensor, bias: Tensor, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Weight and bias of one convolution that computes ``bn(conv(x))`` for a conv with ``weight`` and ``bias``."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    return weight * scale.reshape(-1, 1, 1, 1), bias * scale + shift
+
+
 class ConvBNReLU(nn.Module):
     """Conv (no bias) -> BatchNorm -> ReLU, with 'same' padding for odd kernels."""
 
@@ -29,6 +36,29 @@ class ConvBNReLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.bn(self.conv(x)))
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Fold the BatchNorm into the convolution (eval mode only). Idempotent."""
+        if not isinstance(self.bn, nn.BatchNorm2d):
+            return
+        conv = self.conv
+        weight, bias = fold_batch_norm(conv.weight, torch.zeros_like(self.bn.bias), self.bn)
+        fused = nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        fused.weight.copy_(weight)
+        fused.bias.copy_(bias)
+        self.conv = fused
+        self.bn = nn.Identity()
 
 
 class QARepVGGBlock(nn.Module):
@@ -59,6 +89,26 @@ class QARepVGGBlock(nn.Module):
         if self.residual:
             out = out + x
         return self.nonlinearity(self.post_bn(out))
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Rewrite both branches, the identity and the post-BN into ``rbr_reparam`` (eval mode only). Idempotent."""
+        if self.fused:
+            return
+        bn3 = self.branch_3x3.bn
+        weight, bias = fold_batch_norm(self.branch_3x3.conv.weight, torch.zeros_like(bn3.bias), bn3)
+        weight = weight + nn.functional.pad(self.branch_1x1.weight, [1, 1, 1, 1])
+        bias = bias + self.branch_1x1.bias
+        if self.residual:
+            channels = torch.arange(weight.shape[0], device=weight.device)
+            identity = torch.zeros_like(weight)
+            identity[channels, channels, 1, 1] = 1.0
+            weight = weight + identity
+        weight, bias = fold_batch_norm(weight, bias, self.post_bn)
+        self.rbr_reparam.weight.copy_(weight)
+        self.rbr_reparam.bias.copy_(bias)
+        del self.branch_3x3, self.branch_1x1, self.post_bn
+        self.fused = True
 
 
 class Bottleneck(nn.Module):

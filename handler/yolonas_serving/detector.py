@@ -7,24 +7,32 @@ from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+import yaml
 
+from .classes import load_names
 from .decode import DecodedImage, DecodeLimits, decode_image
 from .draw import draw_detections, encode_jpeg
+from .envelope import (
+    ImageRequest,
+    ImageResult,
+    ParsedRequest,
+    RequestLimits,
+    parse_options,
+    parse_request,
+    render_json,
+    render_json_many,
+    render_v2,
+)
 from .errors import RequestError
 from .pipeline import BoxTransform, Pipeline
 from .postprocess import Detections, NMSOptions, postprocess
-from .protocol import ImageRequest, parse_options, parse_request, render_json, render_v2
-from .runtime import build_runtime
+from .runtime import Forward, RuntimeBatch, begin_batch, build_runtime
 from .settings import HandlerSettings
-
-Runtime = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -35,8 +43,8 @@ class Prepared:
     transform: BoxTransform
     options: NMSOptions
     response_format: str
-    request: ImageRequest
     image: np.ndarray | None = None  # kept only when the response is a picture
+    slot: int = -1  # its place in the runtime batch once started
 
 
 @dataclass
@@ -45,6 +53,7 @@ class Response:
     status: int = 200
     content_type: str = "application/json"
     error: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # more response headers (the v2 binary extension's)
 
 
 @dataclass
@@ -61,7 +70,7 @@ def error_response(exc: RequestError) -> Response:
 
 @dataclass
 class Detector:
-    runtime: Runtime
+    runtime: Forward
     pipeline: Pipeline
     names: list[str]
     model_name: str
@@ -69,6 +78,7 @@ class Detector:
     defaults: NMSOptions = NMSOptions()
     limits: DecodeLimits = DecodeLimits()
     jpeg_draft: bool = True  # decode large JPEGs at reduced size when the pipeline shrinks them anyway
+    request_limits: RequestLimits = RequestLimits()
 
     @classmethod
     def from_settings(
@@ -91,7 +101,23 @@ class Detector:
             defaults=settings.nms_options(),
             limits=settings.decode_limits(),
             jpeg_draft=settings.jpeg_draft,
+            request_limits=settings.request_limits(),
         )
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, device: str = "cpu", model_name: str | None = None) -> Detector:
+        """The detector an extracted archive describes, as a TorchServe worker builds it: the weights file, name and
+        version its MAR-INF/MANIFEST.json names, the ``handler:`` settings of its model-config.yaml and its class
+        names. ``model_name`` is the name it was registered under, the manifest's by default. Threads follow
+        torch's current setting."""
+        folder = Path(model_dir)
+        manifest = json.loads((folder / "MAR-INF" / "MANIFEST.json").read_text())["model"]
+        config = yaml.safe_load((folder / manifest.get("configFile", "model-config.yaml")).read_text()) or {}
+        settings = HandlerSettings.from_config(config.get("handler"))
+        names = load_names(folder, settings.num_classes)
+        weights = str(folder / manifest["serializedFile"])
+        version = str(manifest.get("modelVersion", ""))
+        return cls.from_settings(settings, weights, names, model_name or manifest["modelName"], device, version)
 
     def decode(self, data: bytes, response_format: str = "json") -> DecodedImage:
         """Decode within the archive's limits; at reduced size where allowed (never for annotated pictures)."""
@@ -100,68 +126,116 @@ class Detector:
 
     def prepare(self, request: ImageRequest, accept: str | None = None) -> Prepared:
         options, response_format = parse_options(request.options, self.defaults, self.names, accept)
-        image = self.decode(request.image, response_format)
+        return self.prepare_image(request.image, options, response_format)
+
+    def prepare_image(self, data: bytes, options: NMSOptions, response_format: str) -> Prepared:
+        image = self.decode(data, response_format)
         tensor, transform = self.pipeline(image.pixels, image.original_size)
         keep = image.pixels if response_format == "jpeg" else None
-        return Prepared(tensor, transform, options, response_format, request, keep)
+        return Prepared(tensor, transform, options, response_format, keep)
+
+    def _prepare_request(
+        self, parsed: ParsedRequest, accept: str | None, batch: RuntimeBatch
+    ) -> list[Prepared | RequestError]:
+        """Options hold for the whole request; each image is decoded alone, may fail alone, and starts on the
+        runtime as soon as it is ready."""
+        if parsed.v2 is not None:
+            accept = None  # a v2 client may accept anything; its answer is always v2 tensors
+        options, response_format = parse_options(parsed.options, self.defaults, self.names, accept)
+        if parsed.many and response_format == "jpeg":
+            raise RequestError("an annotated picture answers one image; send several images for JSON answers")
+        if parsed.v2 is not None and response_format == "jpeg":
+            raise RequestError("a v2 request is answered with tensors; ask for an annotated picture without v2")
+        items: list[Prepared | RequestError] = []
+        for data in parsed.images:
+            try:
+                if isinstance(data, RequestError):
+                    raise data
+                item = self.prepare_image(data, options, response_format)
+            except RequestError as exc:
+                items.append(exc)
+                continue
+            item.slot = batch.add(item.tensor)
+            items.append(item)
+        if not parsed.many and isinstance(items[0], RequestError):
+            raise items[0]
+        return items
+
+    def _finish(self, batch: RuntimeBatch, item: Prepared, timings: Timings) -> Detections:
+        """Wait for one image's outputs and turn them into its detections."""
+        start = time.perf_counter()
+        boxes, scores = batch.result(item.slot)
+        middle = time.perf_counter()
+        (found,) = postprocess(boxes, scores, [item.transform], [item.options])
+        timings.inference_ms += (middle - start) * 1000
+        timings.postprocess_ms += (time.perf_counter() - middle) * 1000
+        timings.detections.append(len(found))
+        return found
 
     def detect(self, items: list[Prepared], timings: Timings | None = None) -> list[Detections]:
-        """One forward pass per distinct input shape (one in all for fixed-size pipelines)."""
+        """Detections of prepared images, in order (one forward per distinct input shape where the runtime batches;
+        image by image on OpenVINO's streams)."""
         timings = timings if timings is not None else Timings()
-        results: list[Detections | None] = [None] * len(items)
-        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, item in enumerate(items):
-            groups[item.tensor.shape].append(i)
-        for indices in groups.values():
-            start = time.perf_counter()
-            boxes, scores = self.runtime(np.stack([items[i].tensor for i in indices]))
-            middle = time.perf_counter()
-            detections = postprocess(
-                boxes, scores, [items[i].transform for i in indices], [items[i].options for i in indices]
-            )
-            timings.inference_ms += (middle - start) * 1000
-            timings.postprocess_ms += (time.perf_counter() - middle) * 1000
-            for i, d in zip(indices, detections):
-                results[i] = d
-        return results  # type: ignore[return-value]
+        with begin_batch(self.runtime, len(items)) as batch:
+            for item in items:
+                item.slot = batch.add(item.tensor)
+            return [self._finish(batch, item, timings) for item in items]
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Run grey images through the chain so the first requests do not pay for lazy initialisation."""
         tensor, transform = self.pipeline(np.full((480, 640, 3), 114, dtype=np.uint8))
-        request = ImageRequest(b"")
         for size in batch_sizes:
-            self.detect([Prepared(tensor, transform, self.defaults, "json", request)] * size)
+            self.detect([Prepared(tensor, transform, self.defaults, "json")] * size)
 
-    def render(self, item: Prepared, detections: Detections) -> Response:
-        size = item.transform.original_size
-        if item.response_format == "jpeg":
-            picture = draw_detections(item.image, detections, self.names)
+    def render(
+        self, parsed: ParsedRequest, items: list[Prepared | RequestError], results: list[ImageResult]
+    ) -> Response:
+        """One request's answer: an annotated picture, v2 outputs, or JSON (one result, or one per image)."""
+        first = items[0]
+        if isinstance(first, Prepared) and first.response_format == "jpeg":
+            picture = draw_detections(first.image, results[0][0], self.names)
             return Response(encode_jpeg(picture), content_type="image/jpeg")
-        if item.request.v2:
-            body = render_v2(self.model_name, detections, self.names, size, item.request.request_id, self.model_version)
+        if parsed.v2 is not None:
+            body, headers = render_v2(self.model_name, results, self.names, parsed.v2, parsed.many, self.model_version)
+            return Response(body, content_type=headers.pop("content-type"), headers=headers)
+        if parsed.many:
+            answer = render_json_many(self.model_name, results, self.names)
         else:
-            body = render_json(self.model_name, detections, self.names, size)
-        return Response(json.dumps(body, separators=(",", ":")))
+            detections, size = results[0]
+            answer = render_json(self.model_name, detections, self.names, size)
+        return Response(json.dumps(answer, separators=(",", ":")))
 
     def handle(self, rows: list[dict[str, Any]], headers: list[dict[str, Any]]) -> tuple[list[Response], Timings]:
-        """A batch of raw TorchServe rows and their headers -> one response per row; a bad row fails alone."""
+        """A batch of raw TorchServe rows and their headers -> one response per row; a bad row fails alone, and so
+        does a bad image among several in one row. Each image starts on the runtime once decoded, and each row is
+        answered once its images are done, so decoding and post-processing overlap the forward passes where the
+        runtime runs asynchronously. The stage times are those of this thread: inference is the time it waited."""
         timings = Timings()
         responses: list[Response | None] = [None] * len(rows)
-        prepared: dict[int, Prepared] = {}
-        start = time.perf_counter()
+        parsed_rows: dict[int, tuple[ParsedRequest, str | None]] = {}
         for i, row in enumerate(rows):
             try:
                 accept = next((v for k, v in headers[i].items() if k.lower() == "accept"), None)
-                prepared[i] = self.prepare(parse_request(row, headers[i]), accept)
+                parsed_rows[i] = (parse_request(row, headers[i], self.request_limits), accept)
             except RequestError as exc:
                 responses[i] = error_response(exc)
-        timings.preprocess_ms = (time.perf_counter() - start) * 1000
-        if prepared:
-            order = list(prepared)
-            detections = self.detect([prepared[i] for i in order], timings)
+        requests: dict[int, tuple[ParsedRequest, list[Prepared | RequestError]]] = {}
+        with begin_batch(self.runtime, sum(len(parsed.images) for parsed, _ in parsed_rows.values())) as batch:
             start = time.perf_counter()
-            for i, d in zip(order, detections):
-                responses[i] = self.render(prepared[i], d)
-                timings.detections.append(len(d))
-            timings.postprocess_ms += (time.perf_counter() - start) * 1000
+            for i, (parsed, accept) in parsed_rows.items():
+                try:
+                    requests[i] = (parsed, self._prepare_request(parsed, accept, batch))
+                except RequestError as exc:
+                    responses[i] = error_response(exc)
+            timings.preprocess_ms = (time.perf_counter() - start) * 1000
+            for i, (parsed, items) in requests.items():
+                results: list[ImageResult] = [
+                    (self._finish(batch, item, timings), item.transform.original_size)
+                    if isinstance(item, Prepared)
+                    else item
+                    for item in items
+                ]
+                start = time.perf_counter()
+                responses[i] = self.render(parsed, items, results)
+                timings.postprocess_ms += (time.perf_counter() - start) * 1000
         return responses, timings  # type: ignore[return-value]

@@ -36,6 +36,10 @@ class Detections:
     def __len__(self) -> int:
         return len(self.scores)
 
+    @classmethod
+    def empty(cls) -> Detections:
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+
 
 def select(boxes: torch.Tensor, scores: torch.Tensor, options: NMSOptions) -> tuple[torch.Tensor, ...]:
     """NMS for one image: boxes [A, 4], scores [A, C] -> (boxes [N, 4], scores [N], class ids [N])."""

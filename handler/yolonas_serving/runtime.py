@@ -22,7 +22,11 @@ The box-decoding tail (softmax, expectation, anchors, sigmoid) runs in float32 i
 from __future__ import annotations
 
 import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +41,10 @@ OPENVINO_PRECISION = {"openvino": "f32", "openvino-bf16": "bf16", "int8": "f32"}
 SERIALIZED_FILE = {"onnx": "model.onnx", "openvino": "model.xml", "openvino-bf16": "model.xml", "int8": "model.xml"}
 WEIGHTS_FILE = "weights.pth"
 AUTO_OPENVINO_FILE = "openvino.xml"
+#  What a runtime is to its callers: float32 NCHW batch -> (boxes [B, A, 4], scores [B, A, C]).
+Forward = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
+#  An image's forward takes milliseconds; this bound only turns a request that never completes into an error.
+STREAM_WAIT_S = 120.0
 
 
 def cpu_has_bf16() -> bool:
@@ -86,6 +94,9 @@ def torch_precision(backend: str, device: str) -> str:
 class TorchRuntime:
     """Eager PyTorch: the fused model, channels_last; bf16 autocast on CPUs that have it, fp16 on CUDA."""
 
+    #  The forward runs on torch's own threads (each runtime says so; the handler sizes torch's pool by it).
+    uses_torch_threads = True
+
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu", precision: str = "fp32"):
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16; got {precision!r}")
@@ -122,6 +133,8 @@ class TorchRuntime:
 class OnnxRuntime:
     """ONNX Runtime on an exported model (dynamic batch axis)."""
 
+    uses_torch_threads = False  # its own thread pool; torch keeps only the glue ops around it
+
     def __init__(self, path: str | Path, threads: int = 1, device: str = "cpu"):
         import onnxruntime as ort
 
@@ -143,8 +156,17 @@ class OnnxRuntime:
 
 
 class OpenVINORuntime:
-    """OpenVINO on CPU, one compiled model for every batch size (the IR's batch axis is dynamic; interleaved
-    measurements showed no gain from per-size static compilations)."""
+    """OpenVINO on CPU, one compiled model per role for every batch size (the IR's batch axis is dynamic;
+    interleaved measurements showed no gain from per-size static compilations).
+
+    A lone image runs on a latency-tuned compilation using every thread. Several images run as concurrent
+    single-image requests on one stream per thread (OpenVINO's throughput mode): one thread per image avoids the
+    synchronisation a multi-threaded forward pays per layer and keeps its speed when another process takes a core.
+    :meth:`begin` starts each image as soon as it is added, so the caller decodes the next image and post-processes
+    finished ones while the streams compute.
+    """
+
+    uses_torch_threads = False  # its own threads; torch keeps only the glue ops around it
 
     def __init__(self, path: str | Path, threads: int = 1, precision: str = "f32"):
         import openvino as ov
@@ -154,23 +176,127 @@ class OpenVINORuntime:
             logger.warning("this CPU has no bf16: OpenVINO runs in fp32")
             precision = "f32"
         self.precision = precision
-        config = {
-            "INFERENCE_NUM_THREADS": threads,
+        model = core.read_model(str(path))
+        common = {
             "INFERENCE_PRECISION_HINT": precision,
-            "PERFORMANCE_HINT": "LATENCY",
-            "NUM_STREAMS": 1,
             # Each worker would pin its threads to the same first cores; the OS spreads workers (and TorchServe's
             # frontend) better.
             "ENABLE_CPU_PINNING": False,
         }
-        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        latency = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": threads}
+        self.compiled = core.compile_model(model, "CPU", {**common, **latency})
         self.request = self.compiled.create_infer_request()
+        self.streams = None
+        if threads > 1:
+            throughput = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": threads, "INFERENCE_NUM_THREADS": threads}
+            self.streams = ov.AsyncInferQueue(core.compile_model(model, "CPU", {**common, **throughput}), threads)
+
+    def begin(self, expected: int) -> RuntimeBatch:
+        """A batch of ``expected`` images: on the streams when there are several, else on the latency compilation."""
+        if self.streams is None or expected < 2:
+            return DeferredBatch(self)
+        return StreamedBatch(self.streams)
 
     def __call__(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        self.request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)}, share_inputs=True)
-        # The request reuses its output buffers on the next call: copy them out.
-        boxes, scores = (torch.from_numpy(self.request.get_output_tensor(i).data.copy()) for i in range(2))
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if self.streams is None or len(batch) < 2:
+            self.request.infer({0: batch}, share_inputs=True)
+            # The request reuses its output buffers on the next call: copy them out.
+            boxes, scores = (torch.from_numpy(self.request.get_output_tensor(i).data.copy()) for i in range(2))
+            return boxes, scores
+        with StreamedBatch(self.streams) as streamed:
+            slots = [streamed.add(image) for image in batch]
+            outputs = [streamed.result(slot) for slot in slots]
+        boxes, scores = (torch.cat(parts) for parts in zip(*outputs))
         return boxes, scores
+
+
+class DeferredBatch:
+    """Images added one at a time and run together at the first result, one forward per distinct input shape."""
+
+    def __init__(self, runtime: Forward):
+        self.runtime = runtime
+        self.images: list[np.ndarray] = []
+        self.outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __enter__(self) -> DeferredBatch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+    def add(self, image: np.ndarray) -> int:
+        """Queue one [3, h, w] image; returns its slot."""
+        self.images.append(image)
+        return len(self.images) - 1
+
+    def result(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The outputs of the image in ``slot``: (boxes [1, A, 4], scores [1, A, C])."""
+        if len(self.outputs) < len(self.images):
+            self._run()
+        return self.outputs[slot]
+
+    def _run(self) -> None:
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, image in enumerate(self.images):
+            groups[image.shape].append(i)
+        outputs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.images)
+        for indices in groups.values():
+            boxes, scores = self.runtime(np.stack([self.images[i] for i in indices]))
+            for k, i in enumerate(indices):
+                outputs[i] = (boxes[k : k + 1], scores[k : k + 1])
+        self.outputs = outputs  # type: ignore[assignment]
+
+
+class StreamedBatch:
+    """Images started on OpenVINO's streams as they are added; a result waits for its own image only. Use it as a
+    context manager: leaving it waits for every request, so none outlives the batch (the inputs are shared, not
+    copied, and the callback writes into this batch)."""
+
+    def __init__(self, streams: Any):
+        self.streams = streams
+        self.images: list[np.ndarray] = []
+        self.outputs: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        self.done: list[threading.Event] = []
+        streams.set_callback(self._collect)
+
+    def __enter__(self) -> StreamedBatch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.streams.wait_all()
+
+    def _collect(self, request: Any, slot: int) -> None:  # runs on an OpenVINO thread when the request completes
+        # The request reuses its output buffers for its next image: copy them out.
+        boxes, scores = (torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(2))
+        self.outputs[slot] = (boxes, scores)
+        self.done[slot].set()
+
+    def add(self, image: np.ndarray) -> int:
+        """Start one [3, h, w] image on the next free stream; returns its slot."""
+        image = np.ascontiguousarray(image, dtype=np.float32)[None]
+        slot = len(self.images)
+        self.images.append(image)  # kept alive: the request reads it in place
+        self.outputs.append(None)
+        self.done.append(threading.Event())
+        self.streams.start_async({0: image}, slot, share_inputs=True)
+        return slot
+
+    def result(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The outputs of the image in ``slot``: (boxes [1, A, 4], scores [1, A, C])."""
+        if not self.done[slot].wait(STREAM_WAIT_S):
+            raise RuntimeError(f"OpenVINO gave no outputs for image {slot} within {STREAM_WAIT_S:.0f} s")
+        return self.outputs[slot]  # type: ignore[return-value]
+
+
+RuntimeBatch = DeferredBatch | StreamedBatch
+
+
+def begin_batch(runtime: Forward, expected: int) -> RuntimeBatch:
+    """A batch of ``expected`` images for ``runtime``: its own :meth:`begin` where it has one (OpenVINO's streams),
+    else one forward at the first result."""
+    begin = getattr(runtime, "begin", None)
+    return begin(expected) if begin is not None else DeferredBatch(runtime)
 
 
 Runtime = TorchRuntime | OnnxRuntime | OpenVINORuntime
