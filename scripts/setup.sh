@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv at the repo root with everything the scripts and tests need, and generate the gRPC stubs.
+# Create .venv at the repo root, install the repository into it in editable mode with everything the scripts and
+# tests need (the packages yolonas, yolonas_serving, yolonas_tools and the yolonas-serve command), and generate the
+# gRPC stubs.
 # Idempotent: a second run only checks. Usage: bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +11,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -r requirements-dev.txt
+.venv/bin/python -m pip install --quiet -e '.[dev]'
+# KServe's client pins protobuf<7, which the gRPC stubs cannot use: installed without its dependencies, then those
+# (requirements-kserve.txt says why).
+.venv/bin/python -m pip install --quiet --no-deps kserve==0.21.0
+.venv/bin/python -m pip install --quiet -r requirements-kserve.txt
 .venv/bin/python scripts/gen_grpc.py
 command -v java >/dev/null || echo "WARNING: java not found; TorchServe's frontend needs Java 17" >&2

@@ -1,0 +1,367 @@
+"""Speed of each backend (scripts/bench.py): raw forward, the handler chain in process, and TorchServe end to end.
+
+Archives are built with the ``archive`` command (or reused from a store) and measured in turn, round after round,
+so that the load of other processes falls on all of them alike: the runtime's forward at batches 1 and 4, one JPEG
+through the Detector split into stages, and one TorchServe with every archive registered under 1, 4 and 8
+concurrent clients (``load.drive``, nearest-rank percentiles). With ``peer`` the peer's bare OpenVINO forward
+(``peer.py``) is timed beside ours. ``run`` prints the header, one JSON line per row and the tables; progress goes
+to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+import torch
+from PIL import Image
+
+from yolonas import save_random_checkpoint
+from yolonas_serving.detector import Detector, Timings
+from yolonas_serving.draw import encode_jpeg
+from yolonas_serving.envelope import ImageRequest, ParsedRequest
+from yolonas_serving.pipeline import Pipeline
+from yolonas_serving.runtime import cpu_has_bf16
+from yolonas_serving.settings import available_cores
+from yolonas_tools import archive, peer, server
+from yolonas_tools.backends import calibration_batches
+from yolonas_tools.cli import run_command
+from yolonas_tools.clients import Endpoints, authorized_request
+from yolonas_tools.load import Load, drive, percentile
+from yolonas_tools.synthetic import shapes_image, write_shapes_images
+
+ALL_BACKENDS = ("torch", "torch-bf16", "onnx", "openvino", "openvino-bf16", "int8")
+BASELINE = "torch"
+STAGES = ("decode", "preprocess", "forward", "postprocess")
+CORES = available_cores()
+ISA_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f")
+
+
+class BenchError(Exception):
+    """A benchmark that cannot run as asked (the peer's package missing)."""
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What scripts/bench.py's flags set; ``backends`` starts with the baseline."""
+
+    variant: str
+    backends: list[str]
+    weights: Path | None
+    calibration_images: Path | None
+    store: Path | None
+    batch_size: int
+    workers: int
+    threads: int
+    repeats: int
+    budget: float
+    concurrency: str
+    duration: float
+    rounds: int
+    skip_server: bool
+    peer: bool
+
+
+def cpu_description() -> str:
+    """The CPU model and the ISA flags that decide which precisions are fast."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    present = [flag for flag in ISA_FLAGS if flag in flags]
+    missing = [flag for flag in ISA_FLAGS if flag not in flags]
+    return f"{model}; has {' '.join(present) or 'none'}; lacks {' '.join(missing) or 'none'}"
+
+
+def peer_precision(backend: str) -> str | None:
+    """The peer's precision that matches an OpenVINO backend (None for the others: no OpenVINO peer)."""
+    if backend == "auto":
+        backend = "openvino-bf16" if cpu_has_bf16() else "openvino"
+    precision = {"openvino": "f32", "openvino-bf16": "bf16", "int8": "int8"}.get(backend)
+    return "f32" if precision == "bf16" and not cpu_has_bf16() else precision
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def emit(rows: list[dict[str, Any]], row: dict[str, Any]) -> None:
+    row["load"] = load()
+    row["busy"] = row["load"] > CORES
+    rows.append(row)
+    print(f"measured {row}", file=sys.stderr, flush=True)
+
+
+def round_robin(calls: dict[str, Callable[[], Any]], repeats: int, budget_s: float) -> dict[str, list[tuple]]:
+    """(milliseconds, result) of every call, calling them in turn: two warm-up rounds, then ``repeats`` rounds, or
+    fewer (at least 3) once ``budget_s`` is spent."""
+    for _ in range(2):
+        for call in calls.values():
+            call()
+    results: dict[str, list[tuple]] = {name: [] for name in calls}
+    deadline = time.perf_counter() + budget_s
+    for done in range(repeats):
+        if done >= 3 and time.perf_counter() > deadline:
+            break
+        for name, call in calls.items():
+            start = time.perf_counter()
+            value = call()
+            results[name].append(((time.perf_counter() - start) * 1000, value))
+    return results
+
+
+def test_jpeg(seed: int = 0) -> bytes:
+    """A 1280x720 JPEG of synthetic shapes (quality 90)."""
+    return encode_jpeg(Image.fromarray(shapes_image(np.random.default_rng(seed), size=1280)[:720]), quality=90)
+
+
+def handler_once(detector: Detector, jpeg: bytes) -> dict[str, float]:
+    """Milliseconds per stage of one image through the in-process chain (as one TorchServe row)."""
+    start = time.perf_counter()
+    detector.decode(jpeg)
+    decoded = time.perf_counter()
+    prepared = detector.prepare(ImageRequest(jpeg))  # decodes again: preprocess = prepare - decode
+    prepared_at = time.perf_counter()
+    timings = Timings()
+    (found,) = detector.detect([prepared], timings)
+    detector.render(ParsedRequest([jpeg]), [prepared], [(found, prepared.transform.original_size)])
+    done = time.perf_counter()
+    decode_ms = (decoded - start) * 1000
+    return {
+        "decode": decode_ms,
+        "preprocess": (prepared_at - decoded) * 1000 - decode_ms,
+        "forward": timings.inference_ms,
+        "postprocess": (done - prepared_at) * 1000 - timings.inference_ms,
+    }
+
+
+def in_process(options: BenchOptions, detectors: dict[str, Detector], tensor: np.ndarray, jpeg: bytes,
+               peers: dict[str, Callable[[], Any]], rows: list) -> None:  # fmt: skip
+    """Forward at batch 1 (the peers' bare forwards in the same rounds) and 4, then the handler chain, every
+    backend in turn."""
+    for batch in (1, 4):
+        x = np.stack([tensor] * batch)
+        calls = {backend: (lambda d=d: d.runtime(x)) for backend, d in detectors.items()}  # noqa: B023
+        if batch == 1:
+            calls.update({f"peer {precision}": call for precision, call in peers.items()})
+        for backend, samples in round_robin(calls, options.repeats, options.budget).items():
+            ms = statistics.median(t for t, _ in samples)
+            if backend.startswith("peer "):
+                emit(rows, {"kind": "peer", "precision": backend[5:], "where": "in process", "ms": ms,
+                            "images_per_s": 1000 / ms})  # fmt: skip
+                continue
+            emit(rows, {"kind": "forward", "backend": backend, "variant": options.variant, "batch": batch,
+                        "input": list(tensor.shape[1:]), "ms": ms, "images_per_s": batch * 1000 / ms})  # fmt: skip
+    calls = {backend: (lambda d=d: handler_once(d, jpeg)) for backend, d in detectors.items()}
+    for backend, samples in round_robin(calls, options.repeats, options.budget).items():
+        stages = {stage: statistics.median(s[stage] for _, s in samples) for stage in STAGES}
+        total = sum(stages.values())
+        emit(rows, {"kind": "handler", "backend": backend, "variant": options.variant, **stages, "total": total,
+                    "images_per_s": 1000 / total})  # fmt: skip
+
+
+def serve(endpoints: Endpoints, model: str, jpeg: bytes, concurrency: int, duration: float, load: Load) -> Load:
+    """``concurrency`` clients posting ``jpeg`` back to back for ``duration`` seconds, added to ``load``."""
+    url = f"{endpoints.inference}/predictions/{model}"
+    headers = {"Content-Type": "image/jpeg"}
+
+    def send(session: requests.Session) -> str | None:
+        response = authorized_request(endpoints, "POST", url, session=session, data=jpeg, headers=headers, timeout=300)
+        return None if response.ok else response.text[:200]
+
+    drive(send, concurrency, seconds=duration, load=load)
+    if load.errors:
+        raise RuntimeError(f"{model}: {sum(load.errors.values())} failed requests, e.g. {next(iter(load.errors))}")
+    return load
+
+
+def timed_window(call: Callable[[], Any], seconds: float) -> list[float]:
+    """Milliseconds of each call of ``call``, back to back for ``seconds`` (at least one call)."""
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while not times or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def served(options: BenchOptions, store: Path, archives: dict[str, Path], run_dir: Path, jpeg: bytes,
+           peers: dict[str, Callable[[], Any]], rows: list) -> None:  # fmt: skip
+    """Every archive registered on one TorchServe; per concurrency level, ``--rounds`` windows per backend in turn,
+    each followed by a window of the matching peer's bare forward (half as long) while the server idles."""
+    names = {backend: mar.stem for backend, mar in archives.items()}
+    endpoints = server.start(run_dir, store, models=list(names.values()), ports=server.free_ports())
+    try:
+        for name in names.values():
+            serve(endpoints, name, jpeg, 4, 3.0, Load())  # warm-up: every batch size the worker will see
+        peer_times: dict[str, list[float]] = {precision: [] for precision in peers}
+        for concurrency in (int(c) for c in options.concurrency.split(",")):
+            loads = {backend: Load() for backend in names}
+            for _ in range(options.rounds):
+                for backend, name in names.items():
+                    serve(endpoints, name, jpeg, concurrency, options.duration / options.rounds, loads[backend])
+                    precision = peer_precision(backend)
+                    if precision in peers:
+                        peer_times[precision] += timed_window(peers[precision], options.duration / options.rounds / 2)
+            for backend, load in loads.items():
+                emit(rows, {"kind": "served", "backend": backend, "variant": options.variant,
+                            "concurrency": concurrency, "requests": load.served, "p50_ms": load.percentile(50),
+                            "p95_ms": load.percentile(95),
+                            "images_per_s": load.per_second})  # fmt: skip
+        for precision, times in peer_times.items():
+            ms = statistics.median(times)
+            emit(rows, {"kind": "peer", "precision": precision, "where": "between served windows", "ms": ms,
+                        "p95_ms": percentile(times, 95), "calls": len(times),
+                        "images_per_s": 1000 / ms})  # fmt: skip
+    finally:
+        server.stop(run_dir)
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> float:
+    """Speed-up over the baseline for every row; served rows also relative to their backend's batch-4 forward.
+    Returns the baseline's images/s."""
+    forward = {(r["backend"], r["batch"]): r["images_per_s"] for r in rows if r["kind"] == "forward"}
+    baseline = forward[BASELINE, 1]
+    for row in rows:
+        if row["kind"] == "peer":
+            continue
+        row["speedup"] = row["images_per_s"] / baseline
+        if row["kind"] == "served":
+            row["of_forward_b4"] = row["images_per_s"] / forward[row["backend"], 4]
+    return baseline
+
+
+def build_archives(options: BenchOptions, store: Path, weights: Path, calibration: Path) -> dict[str, Path]:
+    """One archive per backend: reused from ``--store`` when present, else built there."""
+    archives = {}
+    for backend in options.backends:
+        name = archive.default_name(options.variant, backend)
+        mar = store / f"{name}.mar"
+        if mar.is_file():
+            print(f"reusing {mar}", file=sys.stderr)
+        else:
+            flags = ["--batch-size", str(options.batch_size), "--workers", str(options.workers)]
+            if backend == "int8":
+                flags += ["--calibration-images", str(calibration)]
+            run_command("archive", ["--variant", options.variant, "--weights", str(weights), "--backend", backend,
+                          "--export-path", str(store), *flags])  # fmt: skip
+        archives[backend] = mar
+    return archives
+
+
+def build_peers(options: BenchOptions, weights: Path, calibration: Path, tensor: np.ndarray,
+                pipeline: Pipeline) -> dict[str, Callable[[], Any]]:  # fmt: skip
+    """precision -> the peer's bare forward, for every precision an OpenVINO backend of this run compares with."""
+    if not options.peer:
+        return {}
+    if not peer.available():
+        raise BenchError("--peer needs modern-yolonas (the dev extra): pip install -e '.[dev]'")
+    precisions = sorted({p for p in map(peer_precision, options.backends) if p})
+    batches = calibration_batches(calibration, pipeline) if "int8" in precisions else None
+    print(f"building the peer's OpenVINO models: {', '.join(precisions)}", file=sys.stderr, flush=True)
+    return {p: peer.peer_forward(weights, options.variant, 80, p, tensor[None], batches) for p in precisions}
+
+
+def print_peer_table(rows: list[dict[str, Any]]) -> None:
+    """Ours against the peer's bare forward of the same precision (timed between the served windows)."""
+    peers = {r["precision"]: r for r in rows if r["kind"] == "peer" and r["where"] == "between served windows"}
+    peers = peers or {r["precision"]: r for r in rows if r["kind"] == "peer"}
+    print(f"\n{'vs peer':<14} {'peer':>5} {'peer ms':>8} {'peer/s':>7} {'ours b1/s':>9} {'chain/s':>8} {'served/s':>9} "
+          f"{'ratio':>6} {'p50 1c':>7} {'p95 1c':>7} {'p50/peer':>8} {'p95/peer':>8}")  # fmt: skip
+    forward = {r["backend"]: r for r in rows if r["kind"] == "forward" and r["batch"] == 1}
+    chain = {r["backend"]: r for r in rows if r["kind"] == "handler"}
+    for backend in dict.fromkeys(r["backend"] for r in rows if r["kind"] == "forward"):
+        precision = peer_precision(backend)
+        if precision not in peers:
+            continue
+        bare = peers[precision]
+        served = {r["concurrency"]: r for r in rows if r["kind"] == "served" and r["backend"] == backend}
+        line = f"{backend:<14} {precision:>5} {bare['ms']:>8.1f} {bare['images_per_s']:>7.2f} "
+        line += f"{forward[backend]['images_per_s']:>9.2f} {chain[backend]['images_per_s']:>8.2f} "
+        many = served.get(4)
+        line += (
+            f"{many['images_per_s']:>9.2f} {many['images_per_s'] / bare['images_per_s']:>6.2f} " if many else " " * 17
+        )
+        one = served.get(1)
+        if one:
+            line += f"{one['p50_ms']:>7.1f} {one['p95_ms']:>7.1f} {one['p50_ms'] / bare['ms']:>8.2f} "
+            line += f"{one['p95_ms'] / bare['ms']:>8.2f}"
+        print(line)
+    print("goal: ratio (served img/s at 4 clients over the peer's bare img/s) >= 1.0; p50/peer at 1 client <= 1.3")
+
+
+def print_tables(rows: list[dict[str, Any]], baseline: float) -> None:
+    print(f"\nbaseline: {BASELINE} fp32 eager forward at batch 1, {baseline:.2f} img/s ({1000 / baseline:.1f} ms)")
+    print(f"\n{'forward':<14} {'batch':>5} {'ms':>8} {'img/s':>7} {'x base':>7} {'load':>5}")
+    for r in sorted((r for r in rows if r["kind"] == "forward"), key=lambda r: r["batch"]):
+        print(f"{r['backend']:<14} {r['batch']:>5} {r['ms']:>8.1f} {r['images_per_s']:>7.2f} {r['speedup']:>7.2f} "
+              f"{r['load']:>5.1f}{' busy' if r['busy'] else ''}")  # fmt: skip
+    print(
+        f"\n{'handler':<14} {'decode':>7} {'prep':>7} {'forward':>8} {'post':>7} {'total':>8} {'img/s':>7} "
+        f"{'x base':>7} {'load':>5}"
+    )
+    for r in (r for r in rows if r["kind"] == "handler"):
+        print(f"{r['backend']:<14} {r['decode']:>7.1f} {r['preprocess']:>7.1f} {r['forward']:>8.1f} "
+              f"{r['postprocess']:>7.1f} {r['total']:>8.1f} {r['images_per_s']:>7.2f} {r['speedup']:>7.2f} "
+              f"{r['load']:>5.1f}{' busy' if r['busy'] else ''}")  # fmt: skip
+    print(
+        f"\n{'served':<14} {'conc':>4} {'p50 ms':>8} {'p95 ms':>8} {'img/s':>7} {'x base':>7} {'vs fwd b4':>9} "
+        f"{'load':>5}"
+    )
+    for r in (r for r in rows if r["kind"] == "served"):
+        print(f"{r['backend']:<14} {r['concurrency']:>4} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
+              f"{r['images_per_s']:>7.2f} {r['speedup']:>7.2f} {r['of_forward_b4']:>9.2f} {r['load']:>5.1f}"
+              f"{' busy' if r['busy'] else ''}")  # fmt: skip
+    if any(r["kind"] == "peer" for r in rows):
+        print_peer_table(rows)
+
+
+def run(options: BenchOptions) -> None:
+    """Measure every backend of ``options`` and print the header, the JSON rows and the tables (progress on
+    stderr)."""
+    torch.set_num_threads(options.threads)
+    jpeg = test_jpeg()
+    rows: list[dict[str, Any]] = []
+    header = (
+        f"# {options.variant.upper()}, {CORES} cores, {options.threads} threads in process, load {load()}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}\n# CPU: {cpu_description()}"
+    )
+    print(header, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        store = options.store or tmp / "store"
+        store.mkdir(parents=True, exist_ok=True)
+        weights = options.weights or save_random_checkpoint(
+            tmp / f"random_{options.variant}.pth", options.variant, 80, 0
+        )
+        calibration = options.calibration_images
+        if calibration is None:
+            calibration = tmp / "calibration"
+            write_shapes_images(calibration, 32, seed=1)
+        archives = build_archives(options, store, weights, calibration)
+        detectors = {backend: archive.open_archive(mar, tmp / mar.stem) for backend, mar in archives.items()}
+        first = next(iter(detectors.values()))
+        tensor = first.prepare(ImageRequest(jpeg)).tensor
+        peers = build_peers(options, weights, calibration, tensor, first.pipeline)
+        in_process(options, detectors, tensor, jpeg, peers, rows)
+        del detectors, first
+        if not options.skip_server:
+            served(options, store, archives, tmp / "run", jpeg, peers, rows)
+    baseline = add_ratios(rows)
+    for row in rows:
+        print(json.dumps(row))
+    print(header)
+    print_tables(rows, baseline)

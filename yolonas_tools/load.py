@@ -1,0 +1,107 @@
+"""One load generator and one percentile definition, behind every latency table this repository prints (soak.py,
+batch_sweep.py and bench.py's served rows).
+
+``drive`` runs ``clients`` threads, each with its own HTTP session, sending one request after another (``interval``
+seconds apart) until ``seconds`` have passed or ``total`` requests have been sent; every request is timed from
+send to the end of its answer. ``percentile`` is the nearest rank: the smallest latency with at least q% of the
+latencies at or below it, always a measured value.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import requests
+
+#  What a client sends once: the request on its session; it returns None when the answer is right, else what went
+#  wrong (counted by kind).
+Send = Callable[[requests.Session], str | None]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0 < q <= 100) of ``values`` by nearest rank."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
+@dataclass
+class Load:
+    """What a run of the load generator measured."""
+
+    latencies_ms: list[float] = field(default_factory=list)  # of the requests answered right
+    errors: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    @property
+    def served(self) -> int:
+        return len(self.latencies_ms)
+
+    @property
+    def per_second(self) -> float:
+        return self.served / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        return percentile(self.latencies_ms, q)
+
+    def latency_summary(self, quantiles: Sequence[float] = (50, 95, 99)) -> dict[str, float]:
+        """``{"p50": ms, ..., "max": ms}``; empty when nothing was answered."""
+        if not self.latencies_ms:
+            return {}
+        return {**{f"p{q:g}": self.percentile(q) for q in quantiles}, "max": max(self.latencies_ms)}
+
+
+def drive(
+    send: Send,
+    clients: int,
+    seconds: float | None = None,
+    total: int | None = None,
+    interval: float = 0.0,
+    load: Load | None = None,
+) -> Load:
+    """``clients`` threads sending back to back until ``seconds`` pass or ``total`` requests are sent (whichever is
+    given; both: the first reached). Results are added to ``load`` when given (several windows, one record)."""
+    if seconds is None and total is None:
+        raise ValueError("drive needs seconds or total")
+    load = load or Load()
+    lock = threading.Lock()
+    deadline = math.inf if seconds is None else time.monotonic() + seconds
+    remaining = [math.inf if total is None else total]
+
+    def take() -> bool:
+        with lock:
+            if remaining[0] <= 0 or time.monotonic() >= deadline:
+                return False
+            remaining[0] -= 1
+            return True
+
+    def client() -> None:
+        with requests.Session() as session:
+            while take():
+                start = time.perf_counter()
+                try:
+                    error = send(session)
+                except (requests.RequestException, ValueError) as exc:
+                    error = type(exc).__name__
+                elapsed_ms = (time.perf_counter() - start) * 1000
+                with lock:
+                    if error is None:
+                        load.latencies_ms.append(elapsed_ms)
+                    else:
+                        load.errors[error] += 1
+                time.sleep(max(0.0, min(interval, deadline - time.monotonic())))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:  # each finishes its request in flight (bounded by its timeout)
+        thread.join()
+    load.seconds += time.perf_counter() - start
+    return load
