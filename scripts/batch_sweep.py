@@ -5,7 +5,7 @@
 For each batch size N the archive is registered again as ``<name>_sweep_b<N>`` (one worker, batch_size=N), driven
 by N clients (``--concurrency`` for more) that send the same image back to back, and unregistered. A round sends
 ``--batches`` x N requests after one warm-up batch. The table shows, per batch size, the medians over the rounds of
-each round's p50 / p90 request latency and its images per second.
+each round's p50 / p90 request latency (nearest rank, yolonas_tools/load.py) and its images per second.
 """
 
 from __future__ import annotations
@@ -13,55 +13,38 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import requests
-from predict import predict
 
-from common import REPO, RUN_DIR, Endpoints
-from server import ServerError, register
-
-
-@dataclass
-class Round:
-    latencies_ms: list[float]
-    seconds: float
-
-    def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-    @property
-    def images_per_second(self) -> float:
-        return len(self.latencies_ms) / self.seconds
+from yolonas_tools.clients import Endpoints, predict
+from yolonas_tools.load import Load, drive
+from yolonas_tools.paths import REPO, RUN_DIR
+from yolonas_tools.server import ServerError, register
 
 
-def drive(endpoints: Endpoints, model: str, image: Path, clients: int, count: int) -> Round:
+def drive_model(endpoints: Endpoints, model: str, image: Path, clients: int, count: int) -> Load:
     """``count`` requests from ``clients`` threads, each sending its next request as soon as the last returns."""
 
-    def one(_: int) -> float:
-        start = time.perf_counter()
+    def send(session: requests.Session) -> str | None:
         response = predict(endpoints, model, image, {}, timeout=600)
-        if response.status_code != 200:
-            raise ServerError(f"{model}: HTTP {response.status_code}: {response.text.strip()}")
-        return (time.perf_counter() - start) * 1000
+        return None if response.status_code == 200 else f"HTTP {response.status_code}: {response.text.strip()}"
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        latencies = list(pool.map(one, range(count)))
-    return Round(latencies, time.perf_counter() - start)
+    load = drive(send, clients, total=count)
+    if load.errors:
+        raise ServerError(f"{model}: {next(iter(load.errors))}")
+    return load
 
 
-def sweep_one(args: argparse.Namespace, endpoints: Endpoints, batch_size: int) -> list[Round]:
+def sweep_one(args: argparse.Namespace, endpoints: Endpoints, batch_size: int) -> list[Load]:
     model = f"{Path(args.archive).stem}_sweep_b{batch_size}"
     register(endpoints, args.archive, name=model, batch_size=batch_size, max_batch_delay=args.max_batch_delay)
     try:
         clients = max(batch_size, args.concurrency or 0)
-        drive(endpoints, model, args.image, clients, clients)  # warm-up: first-call allocations, lazy init
-        return [drive(endpoints, model, args.image, clients, args.batches * batch_size) for _ in range(args.rounds)]
+        drive_model(endpoints, model, args.image, clients, clients)  # warm-up: first-call allocations, lazy init
+        return [
+            drive_model(endpoints, model, args.image, clients, args.batches * batch_size) for _ in range(args.rounds)
+        ]
     finally:
         requests.delete(f"{endpoints.management}/models/{model}", headers=endpoints.auth("management"), timeout=120)
 
@@ -90,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         except (ServerError, requests.RequestException) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        p50 = statistics.median(r.percentile(0.5) for r in rounds)
-        p90 = statistics.median(r.percentile(0.9) for r in rounds)
-        throughput = statistics.median(r.images_per_second for r in rounds)
+        p50 = statistics.median(r.percentile(50) for r in rounds)
+        p90 = statistics.median(r.percentile(90) for r in rounds)
+        throughput = statistics.median(r.per_second for r in rounds)
         clients = max(batch_size, args.concurrency or 0)
         print(f"{batch_size:>5} {clients:>7} {p50:>8.0f} {p90:>8.0f} {throughput:>9.2f}", flush=True)
     return 0

@@ -2,11 +2,9 @@
 
     python scripts/get_weights.py --variant s [--source super-gradients|ultralytics] [--out weights/]
 
-Tries the chosen source first, then the other. A file is streamed to ``NAME.part`` and renamed only once it loads as
-YOLO-NAS of the requested variant with 80 classes (Ultralytics' pickled model objects through the restricted loader,
-no code run). Neither project publishes checksums, so that load is the only check; the sha256 printed is for your
-records. A file already in place that passes the check is kept. The weights are under Deci's own licence
-(non-commercial use): read it before using them.
+Tries the chosen source first, then the other; a file is kept only once it loads as the requested variant with 80
+classes (yolonas_tools/weights.py). The weights are under Deci's own licence (non-commercial use): read it before
+using them.
 
 Exit codes: 0 weights in place; 1 a file arrived but is not the requested model; 2 no source could be reached.
 """
@@ -14,113 +12,14 @@ Exit codes: 0 weights in place; 1 a file arrived but is not the requested model;
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import requests
-from tqdm import tqdm
+from yolonas import VARIANTS
+from yolonas_tools.paths import WEIGHTS_DIR
+from yolonas_tools.weights import SOURCES, WeightsUnavailable, obtain
 
-from common import WEIGHTS_DIR
-from yolonas import VARIANTS, CheckpointError, read_checkpoint
-
-#  super-gradients moved its weights in 2024 (the old Deci URLs answer 404); Ultralytics re-hosts the same models
-#  as pickled model objects.
-SOURCES: dict[str, str] = {
-    "super-gradients": "https://sg-hub-nv.s3.amazonaws.com/models/yolo_nas_{variant}_coco.pth",
-    "ultralytics": "https://github.com/ultralytics/assets/releases/download/v8.3.0/yolo_nas_{variant}.pt",
-}
-COCO_CLASSES = 80
-#  Offline, DNS fails at once and a refused connection too; a black-holed route would hang without a connect timeout.
-CONNECT_TIMEOUT_S = 5.0
-READ_TIMEOUT_S = 60.0
-CHUNK_BYTES = 1 << 20
 EXIT_INVALID, EXIT_UNREACHABLE = 1, 2
-
-
-class DownloadError(Exception):
-    """Nothing usable came from a URL: no connection, a timeout or an HTTP error."""
-
-
-def download(url: str, target: Path) -> None:
-    """Stream ``url`` into ``target`` (created or replaced); any failure raises DownloadError and removes it."""
-    try:
-        with requests.get(url, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)) as response:
-            response.raise_for_status()
-            total = int(response.headers.get("Content-Length", 0)) or None
-            with open(target, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, disable=None) as bar:
-                for chunk in response.iter_content(CHUNK_BYTES):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-    except requests.RequestException as exc:
-        target.unlink(missing_ok=True)
-        raise DownloadError(describe_request_error(exc)) from None
-    except BaseException:
-        target.unlink(missing_ok=True)
-        raise
-
-
-def describe_request_error(exc: requests.RequestException) -> str:
-    if isinstance(exc, requests.HTTPError) and exc.response is not None:
-        return f"HTTP {exc.response.status_code} {exc.response.reason}"
-    #  urllib3 wraps the root cause (name resolution, refused connection) in a MaxRetryError with a long message.
-    cause = getattr(exc.args[0], "reason", None) if exc.args else None
-    return f"{type(exc).__name__}: {cause or exc}"
-
-
-def validate(path: Path, variant: str) -> str:
-    """Raise CheckpointError unless ``path`` holds YOLO-NAS ``variant`` with the 80 COCO classes; return its layout."""
-    ckpt = read_checkpoint(path)
-    if ckpt.variant != variant:
-        raise CheckpointError(f"expected YOLO-NAS {variant.upper()} weights; found {ckpt.variant.upper()}")
-    if ckpt.num_classes != COCO_CLASSES:
-        raise CheckpointError(f"expected {COCO_CLASSES} (COCO) classes; found {ckpt.num_classes}")
-    return ckpt.source
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def report(path: Path, layout: str, note: str) -> None:
-    print(f"{path}: {note} ({layout})")
-    print(f"sha256 {sha256(path)}  (no published checksum to compare with)")
-
-
-def fetch(source: str, variant: str, out: Path) -> Path:
-    """Download from one source into ``out`` atomically; raise DownloadError or CheckpointError."""
-    url = SOURCES[source].format(variant=variant)
-    target = out / Path(urlsplit(url).path).name
-    part = target.with_name(target.name + ".part")
-    print(f"downloading {url}", file=sys.stderr)
-    download(url, part)
-    try:
-        layout = validate(part, variant)
-    except CheckpointError:
-        part.unlink(missing_ok=True)
-        raise
-    os.replace(part, target)
-    report(target, layout, f"YOLO-NAS {variant.upper()} from {source}")
-    return target
-
-
-def existing(variant: str, out: Path, sources: list[str]) -> Path | None:
-    """A previously downloaded file that still passes the check, if any."""
-    for source in sources:
-        path = out / Path(urlsplit(SOURCES[source].format(variant=variant)).path).name
-        if path.is_file():
-            try:
-                report(path, validate(path, variant), "already present")
-                return path
-            except CheckpointError as exc:
-                print(f"{path}: ignoring the file already there: {exc}", file=sys.stderr)
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,24 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", choices=list(SOURCES), default="super-gradients", help="the one to try first")
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     args = parser.parse_args(argv)
-    sources = [args.source] + [s for s in SOURCES if s != args.source]
-    if existing(args.variant, args.out, sources):
-        return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    invalid = False
-    for source in sources:
-        try:
-            fetch(source, args.variant, args.out)
-            return 0
-        except DownloadError as exc:
-            print(f"{source}: download failed: {exc}", file=sys.stderr)
-        except CheckpointError as exc:
-            print(f"{source}: the file is not the expected model, discarded: {exc}", file=sys.stderr)
-            invalid = True
-    print(f"could not get YOLO-NAS {args.variant.upper()} weights from {' or '.join(sources)}", file=sys.stderr)
-    if not invalid:
-        print("offline? put the file in place by hand, or use scripts/make_random_weights.py", file=sys.stderr)
-    return EXIT_INVALID if invalid else EXIT_UNREACHABLE
+    try:
+        obtain(args.variant, args.out, args.source)
+    except WeightsUnavailable as exc:
+        print(exc, file=sys.stderr)
+        if not exc.invalid:
+            print("offline? put the file in place by hand, or use scripts/make_random_weights.py", file=sys.stderr)
+        return EXIT_INVALID if exc.invalid else EXIT_UNREACHABLE
+    return 0
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import common  # noqa: F401  (puts handler/ on sys.path)
 from yolonas import VARIANTS, save_random_checkpoint
 
 

@@ -11,74 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-import requests
-
-from common import RUN_DIR, Endpoints
-
-MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp", ".bmp": "image/bmp",
-        ".tif": "image/tiff", ".tiff": "image/tiff", ".gif": "image/gif"}  # fmt: skip
+from yolonas_tools.clients import Endpoints, add_request_arguments, option_headers, predict, print_table
+from yolonas_tools.paths import RUN_DIR
 
 
-def option_headers(conf: float | None, iou: float | None, max_det: int | None, classes: str | None) -> dict[str, str]:
-    """Options travel as X-* headers with a raw image body (TorchServe does not pass query strings on)."""
-    headers = {}
-    for name, value in (("X-Conf", conf), ("X-Iou", iou), ("X-Max-Det", max_det), ("X-Classes", classes)):
-        if value is not None:
-            headers[name] = str(value)
-    return headers
-
-
-#  TorchServe answers these when a worker died under the request (crash, timeout, scale-down): retry once.
-RETRY_STATUSES = (500, 503, 507)
-
-
-def predict(
-    endpoints: Endpoints, model: str, image: Path, headers: dict[str, str], picture: bool = False, timeout: float = 60
-) -> requests.Response:
-    request_headers = {"Content-Type": MIME.get(image.suffix.lower(), "application/octet-stream"), **headers}
-    if picture:
-        request_headers["Accept"] = "image/jpeg"
-    url = f"{endpoints.inference}/predictions/{model}"
-    data = image.read_bytes()
-    for attempt in range(2):
-        response = requests.post(url, data=data, headers={**request_headers, **endpoints.auth()}, timeout=timeout)
-        if response.status_code not in RETRY_STATUSES or attempt:
-            return response
-        time.sleep(1.0)
-    return response
-
-
-def print_table(image: Path, result: dict) -> None:
-    detections = result["detections"]
-    width, height = result["image_size"]
-    print(f"{image} ({width}x{height}): {len(detections)} detections from {result['model']}")
-    if detections:
-        print(f"  {'class':<16} {'score':>6}  box (x1, y1, x2, y2)")
-    for d in detections:
-        box = ", ".join(f"{v:7.1f}" for v in d["box"])
-        print(f"  {d['class_name']:<16} {d['score']:6.3f}  ({box})")
-
-
-def add_request_arguments(parser: argparse.ArgumentParser) -> None:
-    """Images, model and per-request options: shared by the REST and gRPC clients."""
-    parser.add_argument("images", nargs="+", type=Path)
-    parser.add_argument("--model", default="yolo_nas_s")
-    parser.add_argument("--conf", type=float)
-    parser.add_argument("--iou", type=float)
-    parser.add_argument("--max-det", type=int)
-    parser.add_argument("--classes", help="comma-separated class ids or names")
-    parser.add_argument("--save", type=Path, help="write the annotated picture (a folder when several images)")
-    parser.add_argument("--json", action="store_true", help="print the raw JSON responses")
-
-
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_request_arguments(parser)
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     endpoints = Endpoints.load(args.run_dir)
     headers = option_headers(args.conf, args.iou, args.max_det, args.classes)
     failed = 0
