@@ -1,36 +1,19 @@
-"""Shared fixtures: paths, the reference data in ../shared (skipped where absent), seeded checkpoints made on the
-fly, archives, and real TorchServe servers on free ports in temporary folders."""
+"""Shared fixtures: the reference data in ../shared (skipped where absent), seeded checkpoints made on the fly,
+archives, and real TorchServe servers on free ports in temporary folders. Helpers tests import live in helpers.py."""
 
 from __future__ import annotations
 
-import os
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO / "handler"), str(REPO / "scripts"), str(REPO / "generated")]
-
-import archive  # noqa: E402
-import server  # noqa: E402
-from common import Endpoints  # noqa: E402
-from yolonas import save_random_checkpoint  # noqa: E402
-
-SHARED = Path(os.environ.get("YOLONAS_SHARED", REPO.parent / "shared"))
-REFERENCE = SHARED / "reference" / "yolo_nas_s"
-SHAPES = SHARED / "reference" / "shapes"
+from helpers import REFERENCE, SHAPES, build_archive, require
+from yolonas import save_random_checkpoint
+from yolonas_tools import server
+from yolonas_tools.clients import Endpoints
 
 torch.set_num_threads(2)
-
-
-def require(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"reference data not found at {path} (it ships beside the project in ../shared, not in the repo)")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -58,32 +41,6 @@ def random_checkpoint(tmp_path_factory: pytest.TempPathFactory):
         return made[key]
 
     return make
-
-
-def build_archive(checkpoint: Path, store: Path, name: str, *flags: str) -> Path:
-    """Run scripts/archive.py's main as a user would."""
-    assert archive.main(["--variant", _variant(checkpoint), "--weights", str(checkpoint), "--model-name", name,
-                         "--export-path", str(store), *flags]) == 0  # fmt: skip
-    return store / f"{name}.mar"
-
-
-def _variant(checkpoint: Path) -> str:
-    from yolonas import read_checkpoint
-
-    return read_checkpoint(checkpoint).variant
-
-
-def with_model_config(archive: Path, target: Path, **changes: object) -> Path:
-    """A copy of ``archive`` with ``changes`` applied to its model-config.yaml (None removes a key): for settings
-    TorchServe reads from the archive only that scripts/archive.py has no flag for (responseTimeout, no batching)."""
-    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(target, "w") as copy:
-        for item in source.infolist():
-            data = source.read(item.filename)
-            if item.filename == "model-config.yaml":
-                config = {k: v for k, v in {**yaml.safe_load(data), **changes}.items() if v is not None}
-                data = yaml.safe_dump(config, sort_keys=False).encode()
-            copy.writestr(item, data)
-    return target
 
 
 @pytest.fixture(scope="session")

@@ -288,10 +288,9 @@ def _import_class(qualified: str) -> type:
 @pytest.fixture(scope="module")
 def ultralytics_files(tmp_path_factory, random_checkpoint) -> Path:
     out = tmp_path_factory.mktemp("ultralytics")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "handler"), str(TESTS)])}
-    code = "import sys, test_checkpoint as t; t.save_like_ultralytics(*sys.argv[1:])"
+    code = "import sys, test_checkpoint as t; t.save_like_ultralytics(*sys.argv[1:])"  # -c finds it in its cwd
     args = [str(random_checkpoint("s")), str(out), str(out / "MARKER")]
-    subprocess.run([sys.executable, "-c", code, *args], env=env, check=True, timeout=300)
+    subprocess.run([sys.executable, "-c", code, *args], cwd=TESTS, check=True, timeout=300)
     return out
 
 

@@ -59,6 +59,28 @@ def test_exif_orientation_is_applied():
 
 
 @pytest.mark.parametrize(
+    "orientation, red_rows, red_cols",
+    [
+        (6, slice(0, 10), slice(10, 20)),  # rotate 90 degrees clockwise: the stored top-left ends top-right
+        (8, slice(30, 40), slice(0, 10)),  # rotate 90 degrees counter-clockwise: it ends bottom-left
+    ],
+)
+def test_exif_rotations_turn_the_right_way(orientation: int, red_rows: slice, red_cols: slice):
+    """By content, not shape: a red block in the stored top-left corner (blue elsewhere) of a 40x20 picture."""
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[...] = (0, 0, 255)
+    stored[:10, :10] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    pixels = decode_image(encode(Image.fromarray(stored), "JPEG", exif=exif, quality=95)).pixels.astype(int)
+    assert pixels.shape == (40, 20, 3)
+    red = np.zeros((40, 20), dtype=bool)
+    red[red_rows, red_cols] = True
+    assert np.abs(pixels[red] - (255, 0, 0)).mean() < 20
+    assert np.abs(pixels[~red] - (0, 0, 255)).mean() < 20
+
+
+@pytest.mark.parametrize(
     "image, expected",
     [
         (Image.new("L", (4, 4), 77), (77, 77, 77)),

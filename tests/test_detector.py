@@ -16,7 +16,7 @@ from yolonas import load_model
 from yolonas_serving.classes import default_names
 from yolonas_serving.detector import Detector
 from yolonas_serving.pipeline import COCO_PIPELINE, Pipeline
-from yolonas_serving.runtime import TorchRuntime
+from yolonas_serving.runtime import DeferredBatch, TorchRuntime
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +111,35 @@ def test_warm_up_runs_the_requested_batch_sizes(random_checkpoint):
     detector = Detector(lambda batch: seen.append(len(batch)) or runtime(batch), COCO_PIPELINE, default_names(80), "s")
     detector.warm_up((1, 4))
     assert seen == [1, 4]
+
+
+def test_each_image_starts_on_the_runtime_before_the_next_is_decoded(random_checkpoint):
+    """The runtime gets each image as soon as it is decoded (OpenVINO's streams compute it while the next one is
+    decoded), and every row still gets its own answer."""
+    events = []
+    runtime = TorchRuntime(load_model(random_checkpoint("s")))
+
+    class RecordingBatch(DeferredBatch):
+        def add(self, image):
+            events.append("start")
+            return super().add(image)
+
+    class StartingRuntime:
+        def begin(self, expected):
+            events.append(f"begin {expected}")
+            return RecordingBatch(runtime)
+
+        def __call__(self, batch):
+            return runtime(batch)
+
+    detector = Detector(StartingRuntime(), COCO_PIPELINE, default_names(80), "s")
+    decode = detector.decode
+    detector.decode = lambda *args: events.append("decode") or decode(*args)
+    pixels = np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8)
+    rows = [{"body": png(pixels)}, {"body": b"not an image"}, {"body": png(pixels[:, ::-1].copy())}]
+    responses, timings = detector.handle(rows, [{}] * 3)
+    assert events == ["begin 3", "decode", "start", "decode", "decode", "start"]
+    assert [r.status for r in responses] == [200, 400, 200]
+    alone, _ = detector.handle(rows[2:], [{}])
+    assert responses[2].body == alone[0].body
+    assert len(timings.detections) == 2

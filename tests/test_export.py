@@ -3,7 +3,6 @@ size, and NMS inside the graph in the padded "batch" layout."""
 
 from __future__ import annotations
 
-import export_onnx as export_script
 import numpy as np
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch
 from yolonas import load_model
 from yolonas.export import DetectorWithNMS, ExportNMS, export_onnx
 from yolonas_serving.postprocess import NMSOptions, select
+from yolonas_tools.cli import run_command
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -54,7 +54,7 @@ def nms_file(random_checkpoint, tmp_path_factory):
     argv = ["--variant", "s", "--weights", str(random_checkpoint("s")), "--input-size", str(SIZE[0]), str(SIZE[1]),
             "--dynamic-batch", "--nms", "--conf", str(NMS.conf), "--iou", str(NMS.iou), "--max-det", str(NMS.max_det),
             "--out", str(out)]  # fmt: skip
-    assert export_script.main(argv) == 0
+    assert run_command("export_onnx", argv) == 0
     return out
 
 
@@ -118,5 +118,5 @@ def test_nms_eager_module_equals_graph(model, nms_file):
 
 def test_export_script_refuses_bad_size(random_checkpoint, tmp_path):
     with pytest.raises(SystemExit):
-        export_script.main(["--variant", "s", "--weights", str(random_checkpoint("s")), "--input-size", "100", "128",
-                            "--out", str(tmp_path / "x.onnx")])  # fmt: skip
+        run_command("export_onnx", ["--variant", "s", "--weights", str(random_checkpoint("s")),
+                                    "--input-size", "100", "128", "--out", str(tmp_path / "x.onnx")])  # fmt: skip

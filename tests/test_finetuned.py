@@ -13,12 +13,12 @@ import torch
 import yaml
 from PIL import Image
 
-import archive
 import sg_oracle
 from reference_match import unmatched
 from yolonas import random_model, read_checkpoint
 from yolonas_serving.detector import Detector
 from yolonas_serving.settings import settings_from_checkpoint
+from yolonas_tools.cli import run_command
 
 NAMES = ["cat", "dog", "bird"]
 
@@ -116,7 +116,10 @@ def test_archive_records_the_checkpoint_choices(tmp_path, model):
     params = processing_params(PIPELINES["center_416"], conf=0.45, iou=0.55)
     path = trainer_checkpoint(tmp_path / "ckpt.pth", model, params)
     assert (
-        archive.main(["--variant", "s", "--weights", path, "--model-name", "pets", "--export-path", str(tmp_path)]) == 0
+        run_command(
+            "archive", ["--variant", "s", "--weights", path, "--model-name", "pets", "--export-path", str(tmp_path)]
+        )
+        == 0
     )
     config, names = archive_files(tmp_path / "pets.mar")
     handler = config["handler"]
@@ -133,8 +136,9 @@ def test_flags_override_the_checkpoint(tmp_path, model):
     flags = ["--input-size", "512", "640", "--padding", "center", "--names", str(tmp_path / "names.txt"),
              "--conf", "0.5", "--iou", "0.4", "--batch-size", "2", "--sequence-batching"]  # fmt: skip
     assert (
-        archive.main(
-            ["--variant", "s", "--weights", path, "--model-name", "over", "--export-path", str(tmp_path), *flags]
+        run_command(
+            "archive",
+            ["--variant", "s", "--weights", path, "--model-name", "over", "--export-path", str(tmp_path), *flags],
         )
         == 0
     )
@@ -150,7 +154,7 @@ def test_flags_override_the_checkpoint(tmp_path, model):
 
 
 def test_without_processing_params_the_coco_defaults_apply_and_say_so(tmp_path, random_checkpoint):
-    assert archive.main(["--variant", "s", "--weights", str(random_checkpoint("s")), "--model-name", "plain",
+    assert run_command("archive", ["--variant", "s", "--weights", str(random_checkpoint("s")), "--model-name", "plain",
                          "--export-path", str(tmp_path)]) == 0  # fmt: skip
     config, names = archive_files(tmp_path / "plain.mar")
     assert "COCO defaults" in config["handler"]["preprocessing_source"]
@@ -160,9 +164,9 @@ def test_without_processing_params_the_coco_defaults_apply_and_say_so(tmp_path, 
     assert names["0"] == "person" and len(names) == 80
 
 
-def test_unknown_step_fails_at_archive_time(tmp_path, model):
+def test_unknown_step_fails_at_archive_time(tmp_path, model, capsys):
     steps = [{"DetectionRandomAffine": {"degrees": 5}}, *PIPELINES["center_416"]]
     path = trainer_checkpoint(tmp_path / "ckpt.pth", model, processing_params(steps))
-    with pytest.raises(SystemExit, match="unknown preprocessing step 'DetectionRandomAffine'"):
-        archive.main(["--variant", "s", "--weights", path, "--export-path", str(tmp_path)])
+    assert run_command("archive", ["--variant", "s", "--weights", path, "--export-path", str(tmp_path)]) == 1
+    assert "unknown preprocessing step 'DetectionRandomAffine'" in capsys.readouterr().err
     assert not (tmp_path / "yolo_nas_s.mar").exists()

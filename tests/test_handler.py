@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 import zipfile
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -14,8 +16,16 @@ import yaml
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-from conftest import REPO
+from helpers import REPO
 from yolonas_serving.settings import HandlerSettings
+
+
+def handler_module(folder: Path) -> ModuleType:
+    """yolo_nas_handler.py of ``folder`` (an extracted archive, or handler/), loaded by path as TorchServe loads it."""
+    spec = importlib.util.spec_from_file_location("yolo_nas_handler", folder / "yolo_nas_handler.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +35,16 @@ def loaded(s_archive: Path, tmp_path_factory: pytest.TempPathFactory):
         zf.extractall(model_dir)
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
     config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
+    config["maxWorkers"] = 2  # two workers share the cores: each must take its half, not the process default
     metrics = MetricsCacheYamlImpl(str(REPO / "metrics.yaml"))
     metrics.initialize_cache()
     context = Context(
         "yolo_nas_s", str(model_dir), manifest, 4, None, "0.12.0", metrics=metrics, model_yaml_config=config
     )
-    import yolo_nas_handler
-
-    handler = yolo_nas_handler.YoloNASHandler()
+    handler = handler_module(model_dir).YoloNASHandler()
     threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(len(os.sched_getaffinity(0)) + 1)  # what no rule gives: the handler must change it
         handler.initialize(context)
         yield handler, context, torch.get_num_threads()
     finally:
@@ -51,7 +61,7 @@ def call(handler, context, rows, headers):
 def test_threads_default_to_cores_divided_by_max_workers(loaded):
     _, context, threads = loaded
     cores = len(os.sched_getaffinity(0))
-    assert threads == max(1, cores // context.model_yaml_config["maxWorkers"])
+    assert context.model_yaml_config["maxWorkers"] == 2 and threads == max(1, cores // 2)
     assert HandlerSettings(torch_threads=3).threads(max_workers=8) == 3
     assert HandlerSettings().threads(max_workers=64) == 1
 
@@ -74,7 +84,7 @@ def test_handle_answers_each_item_and_records_metrics(loaded, reference_dir, cap
     assert json.loads(bodies[0])["model"] == "yolo_nas_s"
     assert context.get_response_content_type(2) == "image/jpeg" and bodies[2][:2] == b"\xff\xd8"
     emitted = "\n".join(r.getMessage() for r in caplog.records)
-    for line in ("YoloNASBatchSize.Count:3|", "YoloNASImages.Count:2|", "YoloNASPreprocessMs.Milliseconds:"):
+    for line in ("YoloNASBatchSize.Count:3|", "YoloNASImages.Count:2|", "YoloNASPreprocessSeconds.Seconds:"):
         assert f"[METRICS]{line}" in emitted, line
     assert "Failed to update metric" not in emitted
 
@@ -88,7 +98,6 @@ def test_unknown_handler_settings_fail_at_load():
 
 def test_reason_phrases_are_ascii():
     """TorchServe 0.12 frames the reason phrase by characters, not bytes: non-ASCII would kill the worker."""
-    import yolo_nas_handler
-
+    yolo_nas_handler = handler_module(REPO / "handler")
     assert yolo_nas_handler._reason_phrase("unknown class 'chat noir ü'") == "unknown class 'chat noir \\xfc'"
     assert yolo_nas_handler._reason_phrase(None) == ""

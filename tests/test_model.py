@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import yolonas
-from conftest import REPO
+from helpers import REPO
 from yolonas import build_model, fuse_model, load_model, summarize
 from yolonas.blocks import QARepVGGBlock
 

@@ -15,15 +15,14 @@ import threading
 import time
 from pathlib import Path
 
-import get_weights
-import make_random_weights
-import model_info
 import pytest
 import requests
 import torch
 
-from conftest import REPO
+from helpers import REPO
 from yolonas import build_model, read_checkpoint, summarize
+from yolonas_tools import weights
+from yolonas_tools.cli import run_command
 
 PARAMS = {"yolo_nas_s": 19_053_888, "yolo_nas_m": 51_182_658, "yolo_nas_l": 66_976_392}
 
@@ -33,8 +32,11 @@ PARAMS = {"yolo_nas_s": 19_053_888, "yolo_nas_m": 51_182_658, "yolo_nas_l": 66_9
 
 def test_make_random_weights(tmp_path, capsys, random_checkpoint):
     same, other = tmp_path / "seed0.pth", tmp_path / "seed1.pth"
-    assert make_random_weights.main(["--variant", "s", "--out", str(same)]) == 0
-    assert make_random_weights.main(["--variant", "s", "--num-classes", "3", "--seed", "1", "--out", str(other)]) == 0
+    assert run_command("make_random_weights", ["--variant", "s", "--out", str(same)]) == 0
+    assert (
+        run_command("make_random_weights", ["--variant", "s", "--num-classes", "3", "--seed", "1", "--out", str(other)])
+        == 0
+    )
     assert f"wrote {other}: YOLO-NAS S, 3 classes, seed 1" in capsys.readouterr().out
     files = {path: torch.load(path, map_location="cpu", weights_only=True) for path in (same, other)}
     assert all(list(f) == ["net"] for f in files.values())  # the official layout
@@ -54,7 +56,7 @@ def test_make_random_weights(tmp_path, capsys, random_checkpoint):
 def test_make_random_weights_rejects_bad_arguments(tmp_path, args):
     out = [] if args == ["--variant", "s"] else ["--out", str(tmp_path / "w.pth")]
     with pytest.raises(SystemExit) as exc:
-        make_random_weights.main(args + out)
+        run_command("make_random_weights", args + out)
     assert exc.value.code == 2
     assert not list(tmp_path.iterdir())
 
@@ -84,7 +86,7 @@ def test_scripts_run_standalone():
 
 
 def run_model_info(capsys, *args: str):
-    assert model_info.main(list(args)) == 0
+    assert run_command("model_info", list(args)) == 0
     return capsys.readouterr().out
 
 
@@ -120,7 +122,7 @@ def test_model_info_table(capsys):
 @pytest.mark.parametrize("size", [["100", "640"], ["640", "0"]])
 def test_model_info_rejects_bad_image_size(capsys, size):
     with pytest.raises(SystemExit) as exc:
-        model_info.main(["--image-size", *size])
+        run_command("model_info", ["--image-size", *size])
     assert exc.value.code == 2
     assert "multiples of 32" in capsys.readouterr().err
 
@@ -129,10 +131,10 @@ def test_model_info_rejects_bad_image_size(capsys, size):
 
 
 def test_official_urls():
-    assert get_weights.SOURCES["super-gradients"].format(variant="m") == (
+    assert weights.SOURCES["super-gradients"].format(variant="m") == (
         "https://sg-hub-nv.s3.amazonaws.com/models/yolo_nas_m_coco.pth"
     )
-    assert get_weights.SOURCES["ultralytics"].format(variant="l") == (
+    assert weights.SOURCES["ultralytics"].format(variant="l") == (
         "https://github.com/ultralytics/assets/releases/download/v8.3.0/yolo_nas_l.pt"
     )
 
@@ -188,10 +190,10 @@ def file_server(tmp_path):
 
 
 def test_offline_fails_fast_after_trying_every_source(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(get_weights, "SOURCES", sources(refused_url(), refused_url()))
+    monkeypatch.setattr(weights, "SOURCES", sources(refused_url(), refused_url()))
     out = tmp_path / "weights"
     start = time.monotonic()
-    assert get_weights.main(["--variant", "s", "--out", str(out)]) == 2
+    assert run_command("get_weights", ["--variant", "s", "--out", str(out)]) == 2
     assert time.monotonic() - start < 10
     err = capsys.readouterr().err
     assert "super-gradients: download failed: ConnectionError" in err
@@ -209,8 +211,8 @@ def test_unresolvable_host_tries_sources_in_order_with_short_connect_timeout(tmp
             f"Failed to resolve '{url.split('/')[2]}' ([Errno -2] Name or service not known)"
         )
 
-    monkeypatch.setattr(get_weights.requests, "get", no_dns)
-    assert get_weights.main(["--variant", "l", "--source", "ultralytics", "--out", str(tmp_path)]) == 2
+    monkeypatch.setattr(weights.requests, "get", no_dns)
+    assert run_command("get_weights", ["--variant", "l", "--source", "ultralytics", "--out", str(tmp_path)]) == 2
     assert [url for url, _ in calls] == [
         "https://github.com/ultralytics/assets/releases/download/v8.3.0/yolo_nas_l.pt",
         "https://sg-hub-nv.s3.amazonaws.com/models/yolo_nas_l_coco.pth",
@@ -221,8 +223,8 @@ def test_unresolvable_host_tries_sources_in_order_with_short_connect_timeout(tmp
 
 def test_http_error_counts_as_unreachable(tmp_path, monkeypatch, file_server, capsys):
     _, url = file_server  # publishes nothing: 404
-    monkeypatch.setattr(get_weights, "SOURCES", sources(url, url))
-    assert get_weights.main(["--variant", "s", "--out", str(tmp_path / "w")]) == 2
+    monkeypatch.setattr(weights, "SOURCES", sources(url, url))
+    assert run_command("get_weights", ["--variant", "s", "--out", str(tmp_path / "w")]) == 2
     assert "download failed: HTTP 404" in capsys.readouterr().err
 
 
@@ -232,8 +234,8 @@ def test_interrupted_download_leaves_nothing(tmp_path, monkeypatch, random_check
     (folder / "yolo_nas_s_coco.pth").write_bytes(random_checkpoint("s").read_bytes())
     out = tmp_path / "weights"
     with serve(folder, TruncatingHandler) as url:
-        monkeypatch.setattr(get_weights, "SOURCES", sources(url, refused_url()))
-        assert get_weights.main(["--variant", "s", "--out", str(out)]) == 2
+        monkeypatch.setattr(weights, "SOURCES", sources(url, refused_url()))
+        assert run_command("get_weights", ["--variant", "s", "--out", str(out)]) == 2
     assert "super-gradients: download failed: ChunkedEncodingError" in capsys.readouterr().err
     assert not list(out.iterdir())
 
@@ -254,9 +256,9 @@ def test_validation_rejects_the_wrong_model(tmp_path, monkeypatch, file_server, 
         args, message = ["--variant", "s"], "expected 80 (COCO) classes; found 3"
         for name in ("yolo_nas_s_coco.pth", "yolo_nas_s.pt"):
             _three_class(random_checkpoint("s"), folder / name)
-    monkeypatch.setattr(get_weights, "SOURCES", sources(url, url))
+    monkeypatch.setattr(weights, "SOURCES", sources(url, url))
     out = tmp_path / "weights"
-    assert get_weights.main([*args, "--out", str(out)]) == 1
+    assert run_command("get_weights", [*args, "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.count(f"the file is not the expected model, discarded: {message}") == 2
     assert not list(out.iterdir())  # neither the .part nor a renamed file stays
@@ -265,9 +267,9 @@ def test_validation_rejects_the_wrong_model(tmp_path, monkeypatch, file_server, 
 def test_downloads_validates_and_falls_back(tmp_path, monkeypatch, file_server, random_checkpoint, capsys):
     folder, url = file_server
     (folder / "yolo_nas_s.pt").write_bytes(random_checkpoint("s").read_bytes())
-    monkeypatch.setattr(get_weights, "SOURCES", sources(refused_url(), url))
+    monkeypatch.setattr(weights, "SOURCES", sources(refused_url(), url))
     out = tmp_path / "weights"
-    assert get_weights.main(["--variant", "s", "--out", str(out)]) == 0
+    assert run_command("get_weights", ["--variant", "s", "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert "super-gradients: download failed" in captured.err
     target = out / "yolo_nas_s.pt"
@@ -277,8 +279,8 @@ def test_downloads_validates_and_falls_back(tmp_path, monkeypatch, file_server, 
     assert "YOLO-NAS S from ultralytics" in captured.out
 
     # A second run finds the checked file in place and needs no network.
-    monkeypatch.setattr(get_weights, "SOURCES", sources(refused_url(), refused_url()))
-    assert get_weights.main(["--variant", "s", "--out", str(out)]) == 0
+    monkeypatch.setattr(weights, "SOURCES", sources(refused_url(), refused_url()))
+    assert run_command("get_weights", ["--variant", "s", "--out", str(out)]) == 0
     assert "already present" in capsys.readouterr().out
 
 

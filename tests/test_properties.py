@@ -19,10 +19,10 @@ from PIL import Image
 
 from yolonas_serving.decode import DecodeLimits, decode_image
 from yolonas_serving.detector import Detector
+from yolonas_serving.envelope import MAX_DET_LIMIT, parse_options, parse_request
 from yolonas_serving.errors import RequestError
 from yolonas_serving.pipeline import COCO_PIPELINE, BoxTransform
 from yolonas_serving.postprocess import NMSOptions, select, to_original
-from yolonas_serving.protocol import MAX_DET_LIMIT, parse_options, parse_request
 
 #  derandomize: the same examples on every run, so the suite is deterministic.
 PROPERTY = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

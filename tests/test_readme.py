@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 README = (REPO / "README.md").read_text()
 COMMAND = re.compile(r"^\s*(?:#\s*)?(python|bash) (scripts/[\w.]+)(.*)$")

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
 from yolonas import load_model, read_checkpoint
 from yolonas.export import export_onnx
 from yolonas_serving import runtime as rt
@@ -45,7 +44,7 @@ def dynamic_onnx(model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def openvino_ir(checkpoint, tmp_path_factory):
     pytest.importorskip("openvino")
-    from convert import write_backend_files
+    from yolonas_tools.backends import write_backend_files
 
     folder = tmp_path_factory.mktemp("openvino")
     xml, beside = write_backend_files("openvino", read_checkpoint(checkpoint), SIZE, folder)
@@ -74,6 +73,7 @@ def assert_close(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tenso
 
 def test_torch_fp32_channels_last_matches_model(model):
     runtime = TorchRuntime(model, "cpu", "fp32")
+    assert runtime.uses_torch_threads  # the handler keeps torch's threads for it
     for n in (1, 3):
         x = batch(n, seed=n)
         assert_close(runtime(x), expected(model, x))
@@ -148,7 +148,6 @@ def test_torch_path_without_onnxruntime_openvino_nncf(checkpoint, tmp_path):
         import json, sys
         for name in ("onnxruntime", "openvino", "nncf"):
             sys.modules[name] = None  # any import of them now fails
-        sys.path.insert(0, {str(REPO / "handler")!r})
         import numpy as np
         from yolonas_serving import runtime
         from yolonas_serving.detector import Detector
@@ -174,6 +173,7 @@ def test_onnx_runtime_any_batch_and_size(model, dynamic_onnx):
     pytest.importorskip("onnxruntime")
     runtime = OnnxRuntime(dynamic_onnx, threads=1)
     assert runtime.session.get_session_options().intra_op_num_threads == 1
+    assert not runtime.uses_torch_threads  # the handler drops torch to one thread beside it
     for n, height, width in ((1, *SIZE), (4, *SIZE), (2, 96, 320)):
         x = batch(n, height, width, seed=n)
         assert_close(runtime(x), expected(model, x))
@@ -181,7 +181,7 @@ def test_onnx_runtime_any_batch_and_size(model, dynamic_onnx):
 
 def test_openvino_fp32_any_batch(model, openvino_ir):
     runtime = build_runtime("openvino", openvino_ir, "s", 80, threads=1)
-    assert isinstance(runtime, rt.OpenVINORuntime)
+    assert isinstance(runtime, rt.OpenVINORuntime) and not runtime.uses_torch_threads
     assert runtime.compiled.get_property("INFERENCE_NUM_THREADS") == 1
     assert str(runtime.compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'float32'>"
     first = None
@@ -191,6 +191,34 @@ def test_openvino_fp32_any_batch(model, openvino_ir):
         assert_close(got, expected(model, x))
         first = first if first is not None else got[0]
     assert first.shape == (1, 735, 4)  # outputs are copies, not views of the request's reused buffers
+
+
+def test_openvino_streams_answer_each_image_in_its_slot(model, openvino_ir):
+    """With two threads a batch runs as concurrent single-image requests on two streams; a lone image runs on the
+    latency compilation. Either way every image's outputs are its own."""
+    runtime = build_runtime("openvino", openvino_ir, "s", 80, threads=2)
+    assert runtime.compiled.get_property("INFERENCE_NUM_THREADS") == 2
+    x = batch(5, seed=7)
+    got = runtime(x)
+    assert_close(got, expected(model, x))
+    alone = runtime(x[3:4])
+    assert_close(alone, expected(model, x[3:4]))
+    assert torch.allclose(got[0][3:4], alone[0], atol=BOX_ATOL)
+    assert build_runtime("openvino", openvino_ir, "s", 80, threads=1).streams is None
+
+
+def test_openvino_streamed_batch_answers_each_slot_whenever_asked(model, openvino_ir):
+    """Images start on the streams as they are added; results can be asked for in any order, each its own, and
+    leaving the batch waits for every request."""
+    runtime = build_runtime("openvino", openvino_ir, "s", 80, threads=2)
+    x = batch(3, seed=11)
+    with runtime.begin(3) as streamed:
+        assert isinstance(streamed, rt.StreamedBatch)
+        slots = [streamed.add(image) for image in x]
+        outputs = {slot: streamed.result(slot) for slot in reversed(slots)}
+    for slot in slots:
+        assert_close(outputs[slot], expected(model, x[slot : slot + 1]))
+    assert isinstance(runtime.begin(1), rt.DeferredBatch), "a lone image runs on the latency compilation"
 
 
 def test_openvino_dynamic_size(model, dynamic_onnx):
@@ -212,8 +240,9 @@ def test_openvino_bf16_precision(openvino_ir):
 def test_int8_leaves_decoding_tail_in_float(openvino_ir, tmp_path):
     pytest.importorskip("nncf")
     import openvino as ov
-    from quantize import DECODING_TAIL, calibration_batches, quantize_int8
-    from synthetic_shapes import write_shapes_images
+
+    from yolonas_tools.backends import DECODING_TAIL, calibration_batches, quantize_int8
+    from yolonas_tools.synthetic import write_shapes_images
 
     write_shapes_images(tmp_path / "images", 3, seed=2, size=200)
     batches = calibration_batches(tmp_path / "images", COCO_PIPELINE.with_input_size(*SIZE))

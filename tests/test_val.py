@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import val
 import yaml
-from datasets import DatasetError, label_path, load_dataset
 from PIL import Image
 
 from yolonas_serving.postprocess import Detections
+from yolonas_tools import evaluation
+from yolonas_tools.cli import run_command
+from yolonas_tools.datasets import DatasetError, label_path, load_dataset
 
 NAMES = ["cat", "dog", "emu"]
 COCO_IDS = [3, 7, 11]  # deliberately not 0..n-1: class index i must map to the i-th sorted category
@@ -138,7 +139,7 @@ def test_unusable_dataset_arguments(tmp_path: Path):
 
 def test_detections_equal_to_ground_truth_give_one(scene):
     dataset, ids = scene
-    results = val.evaluate(dataset, by_id(ids, truth()))
+    results = evaluation.evaluate(dataset, by_id(ids, truth()))
     assert results.map50_95 == pytest.approx(1.0) and results.map50 == pytest.approx(1.0)
     assert (results.precision, results.recall, results.f1_conf) == pytest.approx((1.0, 1.0, 0.9))
     assert results.images == 3 and results.instances == 3
@@ -153,7 +154,7 @@ def test_a_shifted_box_counts_only_at_thresholds_below_its_iou(scene, shift: int
     dataset, ids = scene
     rows = truth()
     rows["a"] = [rows["a"][0], (50 + shift, 50, 90 + shift, 80, 0.9, 1)]
-    results = val.evaluate(dataset, by_id(ids, rows))
+    results = evaluation.evaluate(dataset, by_id(ids, rows))
     cat, dog, emu = results.classes
     assert (cat.ap50_95, dog.ap50, dog.ap50_95) == pytest.approx((1.0, 1.0, matched / 10))
     assert results.map50_95 == pytest.approx((1 + matched / 10) / 2) and results.map50 == pytest.approx(1.0)
@@ -167,12 +168,12 @@ def test_a_false_positive_ranked_first_halves_ap_and_one_ranked_last_costs_nothi
     dataset, ids = scene
     base = truth()
     rows = {**base, "c": [(60, 60, 80, 80, 0.95, 0)]}
-    results = val.evaluate(dataset, by_id(ids, rows))
+    results = evaluation.evaluate(dataset, by_id(ids, rows))
     assert (results.classes[0].ap50, results.classes[0].ap50_95) == pytest.approx((2 / 3, 2 / 3))
     assert results.map50_95 == pytest.approx((2 / 3 + 1) / 2)
     # The same false positive below every true one: AP stays 1; the best-F1 threshold drops it (P = R = 1).
     rows = {**base, "c": [(60, 60, 80, 80, 0.3, 0)]}
-    results = val.evaluate(dataset, by_id(ids, rows))
+    results = evaluation.evaluate(dataset, by_id(ids, rows))
     assert results.map50_95 == pytest.approx(1.0)
     assert (results.precision, results.recall, results.f1_conf) == pytest.approx((1.0, 1.0, 0.9))
 
@@ -189,7 +190,7 @@ def test_precision_and_recall_at_the_best_mean_f1_threshold(scene):
     dataset, ids = scene
     rows = {"a": [(10, 10, 30, 30, 0.9, 0), (50, 50, 90, 80, 0.6, 1)], "b": [(20, 20, 40, 40, 0.3, 0)],
             "c": [(60, 60, 80, 80, 0.8, 0)]}  # fmt: skip
-    results = val.evaluate(dataset, by_id(ids, rows))
+    results = evaluation.evaluate(dataset, by_id(ids, rows))
     cat, dog, emu = results.classes
     assert results.f1_conf == pytest.approx(0.3)
     assert (cat.precision, cat.recall, dog.precision, dog.recall) == pytest.approx((2 / 3, 1.0, 1.0, 1.0))
@@ -203,18 +204,18 @@ def test_classes_without_ground_truth_are_left_out_even_when_predicted(scene):
     dataset, ids = scene
     rows = truth()
     rows["c"] = [(5, 5, 50, 50, 0.99, 2)]  # an emu, a class absent from the ground truth
-    results = val.evaluate(dataset, by_id(ids, rows))
+    results = evaluation.evaluate(dataset, by_id(ids, rows))
     emu = results.classes[2]
     assert (emu.name, emu.instances, emu.ap50_95, emu.ap50) == ("emu", 0, None, None)
     assert (results.map50_95, results.precision) == pytest.approx((1.0, 1.0))
-    assert "1 class(es) without ground truth" in val.format_table(results)
+    assert "1 class(es) without ground truth" in evaluation.format_table(results)
 
 
 def test_a_class_with_ground_truth_but_no_prediction_counts_as_zero(scene):
     dataset, ids = scene
     rows = truth()
     rows["a"] = rows["a"][:1]  # the dog is never predicted
-    results = val.evaluate(dataset, by_id(ids, rows))
+    results = evaluation.evaluate(dataset, by_id(ids, rows))
     cat, dog, _ = results.classes
     assert (dog.ap50_95, dog.precision, dog.recall) == (0.0, 0.0, 0.0)
     assert (cat.ap50_95, cat.precision, cat.recall) == pytest.approx((1.0, 1.0, 1.0))
@@ -224,7 +225,7 @@ def test_a_class_with_ground_truth_but_no_prediction_counts_as_zero(scene):
 
 def test_no_detections_at_all(scene):
     dataset, _ = scene
-    results = val.evaluate(dataset, {})
+    results = evaluation.evaluate(dataset, {})
     assert (results.map50_95, results.map50, results.precision, results.recall) == (0.0, 0.0, 0.0, 0.0)
     assert results.f1_conf is None
 
@@ -232,9 +233,9 @@ def test_no_detections_at_all(scene):
 def test_no_ground_truth_at_all(tmp_path: Path):
     yaml_path, _ = write_datasets(tmp_path, {"a": (50, 50, []), "b": (50, 50, [])})
     dataset = load_dataset(yaml_path)
-    results = val.evaluate(dataset, {1: dets((1, 1, 20, 20, 0.9, 0))})
+    results = evaluation.evaluate(dataset, {1: dets((1, 1, 20, 20, 0.9, 0))})
     assert (results.map50_95, results.map50, results.precision, results.recall) == (None, None, None, None)
-    assert "-" in val.format_table(results).splitlines()[1]
+    assert "-" in evaluation.format_table(results).splitlines()[1]
 
 
 def test_crowd_regions_neither_count_nor_punish(tmp_path: Path):
@@ -244,7 +245,7 @@ def test_crowd_regions_neither_count_nor_punish(tmp_path: Path):
     coco["annotations"].append({"id": 9, "image_id": 1, "category_id": 3, "bbox": [50, 50, 40, 40], "iscrowd": 1})
     json_path.write_text(json.dumps(coco))
     dataset = load_dataset(json_path)
-    results = val.evaluate(dataset, {1: dets((55, 55, 85, 85, 0.99, 0), (10, 10, 30, 30, 0.5, 0))})
+    results = evaluation.evaluate(dataset, {1: dets((55, 55, 85, 85, 0.99, 0), (10, 10, 30, 30, 0.5, 0))})
     assert results.map50_95 == pytest.approx(1.0) and results.classes[0].instances == 1
     assert (results.precision, results.recall) == pytest.approx((1.0, 1.0))
 
@@ -252,10 +253,10 @@ def test_crowd_regions_neither_count_nor_punish(tmp_path: Path):
 def test_class_indices_map_to_sorted_coco_category_ids(tmp_path: Path):
     _, json_path = write_datasets(tmp_path, SCENE)
     dataset = load_dataset(json_path)
-    records = val.coco_results(dataset, {1: dets((1, 2, 11, 22, 0.5, 1))})
+    records = evaluation.coco_results(dataset, {1: dets((1, 2, 11, 22, 0.5, 1))})
     assert records == [{"image_id": 1, "category_id": 7, "bbox": [1.0, 2.0, 10.0, 20.0], "score": 0.5}]
     with pytest.raises(ValueError, match="outside"):
-        val.coco_results(dataset, {1: dets((1, 2, 11, 22, 0.5, 3))})
+        evaluation.coco_results(dataset, {1: dets((1, 2, 11, 22, 0.5, 3))})
 
 
 def test_collect_checks_responses_against_the_dataset(scene, capsys):
@@ -263,17 +264,17 @@ def test_collect_checks_responses_against_the_dataset(scene, capsys):
     found = {"box": [1, 2, 3, 4], "score": 0.5, "class_id": 1, "class_name": "class_1"}
     responses = [{"image_size": [100, 100], "detections": [found]}, {"image_size": [80, 100], "detections": []},
                  {"image_size": [100, 100], "detections": []}]  # fmt: skip
-    detections = val.collect(dataset, iter(responses))
+    detections = evaluation.collect(dataset, iter(responses))
     assert [len(detections[ids[n]]) for n in "abc"] == [1, 0, 0]
     warnings = capsys.readouterr().err
     assert "class 1: model 'class_1', dataset 'dog'" in warnings and "1 image(s) decode to another size" in warnings
-    with pytest.raises(SystemExit, match="predicts class 5"):
-        val.collect(dataset, iter([{"image_size": [100, 100], "detections": [{**found, "class_id": 5}]}]))
+    with pytest.raises(evaluation.EvaluationError, match="predicts class 5"):
+        evaluation.collect(dataset, iter([{"image_size": [100, 100], "detections": [{**found, "class_id": 5}]}]))
 
 
 def test_results_json_reports_null_for_classes_without_ground_truth(scene):
     dataset, ids = scene
-    report = val.evaluate(dataset, by_id(ids, truth())).to_json()
+    report = evaluation.evaluate(dataset, by_id(ids, truth())).to_json()
     json.dumps(report)  # plain types only
     assert report["metrics"]["mAP50-95"] == pytest.approx(1.0)
     assert [c["AP50-95"] for c in report["classes"]] == [pytest.approx(1.0), pytest.approx(1.0), None]
@@ -290,7 +291,7 @@ def test_shapes_reproduces_super_gradients_map_in_process(shapes_dir: Path, tmp_
     out = tmp_path / "shapes.json"
     argv = ["--model", "shapes", "--data", str(shapes_dir / "val" / "data.yaml"),
             "--weights", str(shapes_dir / "checkpoint.pth"), "--out", str(out)]  # fmt: skip
-    assert val.main(argv) == 0
+    assert run_command("val", argv) == 0
     report = json.loads(out.read_text())
     assert report["images"] == expected["images"] and report["instances"] == expected["gt_boxes"]
     assert report["metrics"]["mAP50-95"] == pytest.approx(expected["mAP50-95"], abs=0.005)

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from synthetic_shapes import shapes_image, write_shapes_images
 
-import archive
-import server
-from conftest import build_archive
+from helpers import build_archive, predict_json
 from reference_match import unmatched
+from yolonas_tools import server
+from yolonas_tools.cli import run_command
+from yolonas_tools.synthetic import shapes_image, write_shapes_images
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
@@ -37,7 +37,8 @@ def served(ts_server, random_checkpoint, model_store, tmp_path_factory):
         if backend == "int8":  # through the default name, as a user would
             images = write_shapes_images(tmp_path_factory.mktemp("calibration"), 4, seed=3)[0].parent
             assert (
-                archive.main(
+                run_command(
+                    "archive",
                     [
                         "--variant",
                         "s",
@@ -50,7 +51,7 @@ def served(ts_server, random_checkpoint, model_store, tmp_path_factory):
                         "--export-path",
                         str(model_store),
                         *INPUT,
-                    ]
+                    ],
                 )
                 == 0
             )
@@ -69,13 +70,6 @@ def image() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(shapes_image(np.random.default_rng(5), size=400)[:300]).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def post(endpoints, model: str, data: bytes) -> dict:
-    headers = {**endpoints.auth(), "Content-Type": "image/png"}
-    response = requests.post(f"{endpoints.inference}/predictions/{model}", data=data, headers=headers, timeout=120)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def as_record(body: dict) -> dict:
@@ -107,10 +101,10 @@ def test_archives_hold_what_their_backend_loads(served, model_store):
 
 
 def test_float_backends_answer_what_torch_answers(endpoints, served, image):
-    reference = post(endpoints, served["torch"], image)
+    reference = predict_json(endpoints, served["torch"], image, "image/png")
     assert reference["detections"], "the seeded model should find boxes in the test image"
     for backend in ("onnx", "openvino"):
-        body = post(endpoints, served[backend], image)
+        body = predict_json(endpoints, served[backend], image, "image/png")
         assert body["model"] == served[backend] and body["image_size"] == reference["image_size"]
         assert unmatched(body["detections"], as_record(reference)) == ([], []), backend
 
@@ -118,9 +112,9 @@ def test_float_backends_answer_what_torch_answers(endpoints, served, image):
 def test_every_backend_serves_batches(endpoints, served, image):
     """Four concurrent requests reach each worker as one batch (or a few): all answered, like the single one."""
     for backend, name in served.items():
-        single = post(endpoints, name, image)
+        single = predict_json(endpoints, name, image, "image/png")
         with ThreadPoolExecutor(4) as pool:
-            bodies = list(pool.map(lambda _, model=name: post(endpoints, model, image), range(4)))
+            bodies = list(pool.map(lambda _, model=name: predict_json(endpoints, model, image, "image/png"), range(4)))
         for body in bodies:
             assert set(body) == set(single) and body["image_size"] == single["image_size"]
             if backend in ("torch", "onnx", "openvino"):
@@ -135,5 +129,5 @@ def test_archive_refuses_inconsistent_backend_flags(random_checkpoint, tmp_path)
     for flags in (["--backend", "int8"], ["--calibration-images", str(tmp_path)], ["--backend", "tensorrt"],
                   ["--backend", "int8", "--calibration-images", str(tmp_path / "missing")]):  # fmt: skip
         with pytest.raises(SystemExit):
-            archive.main(["--variant", "s", "--weights", weights, "--export-path", str(tmp_path), *flags])
+            run_command("archive", ["--variant", "s", "--weights", weights, "--export-path", str(tmp_path), *flags])
     assert not list(tmp_path.glob("*.mar"))

@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
-from grpc_client import GrpcClient
 
-import archive
-import server
-from conftest import with_model_config
+from helpers import with_model_config
+from yolonas_tools import archive, server
+from yolonas_tools.grpc_client import GrpcClient
 
 MODEL = "yolo_nas_s"
 ARCHIVE = (archive.DEFAULT_BATCH_SIZE, archive.DEFAULT_MAX_BATCH_DELAY_MS)  # what scripts/archive.py writes

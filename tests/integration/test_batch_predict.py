@@ -11,12 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import batch_predict
 import pytest
 import requests
 from PIL import Image
 
-from conftest import REPO
+from helpers import REPO
+from yolonas_tools import batch
 
 MODEL = "yolo_nas_s"
 GOOD = ["img_a_h480_w640.png", "nested/deeper/img_b_h800_w600.png", "nested/small.JPG"]
@@ -51,7 +51,7 @@ def expected_detections(endpoints, folder: Path) -> dict[str, dict]:
 
 
 def read_outputs(out: Path) -> dict[str, object]:
-    paths = batch_predict.output_paths(out)
+    paths = batch.output_paths(out)
     return {kind: json.loads(paths[kind].read_text()) for kind in ("results", "images", "failures", "summary")}
 
 
@@ -112,28 +112,28 @@ def test_grpc_gives_the_same_results(endpoints, folder: Path, expected, tmp_path
 def test_rerun_resumes_from_the_journal(endpoints, folder: Path, expected, tmp_path: Path):
     out = tmp_path / "resume.json"
     header = {"model": MODEL, "folder": str(folder.resolve()), "options": {}}
-    send = batch_predict.rest_sender(endpoints, MODEL, {}, timeout=120)
-    first = batch_predict.run(folder, out, send, header, concurrency=2)
+    send = batch.rest_sender(endpoints, MODEL, {}, timeout=120)
+    first = batch.run(folder, out, send, header, concurrency=2)
     assert (first["sent_this_run"], first["failed"]) == (4, 1)
 
     # A crash: the journal keeps its header, one finished image and half of the next line.
-    journal = batch_predict.output_paths(out)["journal"]
+    journal = batch.output_paths(out)["journal"]
     lines = journal.read_text().splitlines()
     kept = next(line for line in lines[1:] if json.loads(line)["file_name"] == GOOD[0])
     journal.write_text(f"{lines[0]}\n{kept}\n{lines[2][: len(lines[2]) // 2]}")
-    second = batch_predict.run(folder, out, send, header, concurrency=2)
+    second = batch.run(folder, out, send, header, concurrency=2)
     assert (second["skipped_finished_earlier"], second["sent_this_run"]) == (1, 3)
     check_outputs(read_outputs(out), expected)
 
     # Done: nothing is sent again, the refused image included, unless asked.
-    third = batch_predict.run(folder, out, send, header)
+    third = batch.run(folder, out, send, header)
     assert (third["sent_this_run"], third["failed"]) == (0, 1)
     check_outputs(read_outputs(out), expected)
-    fourth = batch_predict.run(folder, out, send, header, retry_failed=True)
+    fourth = batch.run(folder, out, send, header, retry_failed=True)
     assert (fourth["sent_this_run"], fourth["failed"], fourth["failed_this_run"]) == (1, 1, 1)
 
-    with pytest.raises(SystemExit, match="belongs to another job"):  # other options would mix results
-        batch_predict.run(folder, out, send, {**header, "options": {"conf": 0.5}})
+    with pytest.raises(batch.JournalError, match="belongs to another job"):  # other options would mix results
+        batch.run(folder, out, send, {**header, "options": {"conf": 0.5}})
 
 
 def test_an_unknown_model_stops_the_run_and_keeps_every_image_listed(endpoints, folder: Path, tmp_path: Path):
@@ -158,15 +158,15 @@ def test_retry_policy_without_a_server(tmp_path: Path):
         name = Path(file_name).stem
         calls[name] = calls.get(name, 0) + 1
         if name == "refused":
-            raise batch_predict.PermanentError("not an image", 400)
+            raise batch.PermanentError("not an image", 400)
         if name == "always_busy" or (name == "busy_once" and calls[name] == 1):
-            raise batch_predict.TransientError("Worker died.", 507)
+            raise batch.TransientError("Worker died.", 507)
         return {
             "image_size": [4, 3],
             "detections": [{"box": [0, 0, 2, 1], "score": 0.9, "class_id": 3, "class_name": "c"}],
         }
 
-    summary = batch_predict.run(folder, tmp_path / "out.json", send, {"model": "m"}, retries=2, backoff=0.001)
+    summary = batch.run(folder, tmp_path / "out.json", send, {"model": "m"}, retries=2, backoff=0.001)
     assert calls == {"busy_once": 2, "always_busy": 3, "refused": 1, "fine": 1}
     assert (summary["succeeded"], summary["failed"], summary["retries_this_run"]) == (2, 2, 3)
     outputs = read_outputs(tmp_path / "out.json")
@@ -175,5 +175,5 @@ def test_retry_policy_without_a_server(tmp_path: Path):
     assert not failures["refused.png"]["transient"] and failures["refused.png"]["attempts"] == 1
     assert outputs["results"][0]["bbox"] == [0, 0, 2, 1]  # xyxy [0, 0, 2, 1] -> xywh
     # The rerun resends only the transient failure.
-    batch_predict.run(folder, tmp_path / "out.json", send, {"model": "m"}, retries=0)
+    batch.run(folder, tmp_path / "out.json", send, {"model": "m"}, retries=0)
     assert calls == {"busy_once": 2, "always_busy": 4, "refused": 1, "fine": 1}

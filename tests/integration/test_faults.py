@@ -9,19 +9,19 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import batch_predict
 import psutil
 import pytest
 import requests
 
-import server
-from common import Endpoints
-from conftest import REPO, with_model_config
+from helpers import REPO, with_model_config
+from yolonas_tools import batch, server
+from yolonas_tools.clients import Endpoints
 
 MODEL = "yolo_nas_s"
 
@@ -70,23 +70,33 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def journaled(out: Path) -> int:
-    journal = batch_predict.output_paths(out)["journal"]
+    journal = batch.output_paths(out)["journal"]
     return max(0, len(journal.read_text().splitlines()) - 1) if journal.is_file() else 0
 
 
-def start_batch(folder: Path, out: Path, endpoints: Endpoints, model: str = MODEL, **options):
-    """batch_predict.run in a background thread; returns the future of its summary."""
-    send = batch_predict.rest_sender(endpoints, model, {}, timeout=options.pop("timeout", 300))
+def start_batch(folder: Path, out: Path, endpoints: Endpoints, model: str = MODEL, hold: threading.Event | None = None,
+                **options):  # fmt: skip
+    """batch.run in a background thread; returns the future of its summary. With ``hold``, every request after the
+    first waits until it is set, so that a test can act between the first answer and the rest."""
+    rest = batch.rest_sender(endpoints, model, {}, timeout=options.pop("timeout", 300))
+    sent = []
+
+    def send(data: bytes, file_name: str) -> dict:
+        if hold is not None and sent:
+            hold.wait(timeout=300)
+        sent.append(file_name)
+        return rest(data, file_name)
+
     header = {"model": model, "folder": str(folder.resolve()), "options": {}}
     pool = ThreadPoolExecutor(1)
-    future = pool.submit(batch_predict.run, folder, out, send, header, **options)
+    future = pool.submit(batch.run, folder, out, send, header, **options)
     pool.shutdown(wait=False)
     return future
 
 
 def check_results(out: Path, folder: Path, endpoints: Endpoints) -> None:
     """Every image has results, and they are what the (now healthy) server answers for it."""
-    paths = batch_predict.output_paths(out)
+    paths = batch.output_paths(out)
     failures = json.loads(paths["failures"].read_text())
     assert failures == []
     images = {i["file_name"]: i["id"] for i in json.loads(paths["images"].read_text())["images"]}
@@ -146,7 +156,7 @@ def test_a_response_timeout_is_an_error_not_a_hang(run_dir: Path, s_archive: Pat
 
     # Every image is accounted for; the ones whose batch timed out are listed with TorchServe's reason.
     assert summary["images"] == summary["succeeded"] + summary["failed"] == 8
-    failures = json.loads(batch_predict.output_paths(out)["failures"].read_text())
+    failures = json.loads(batch.output_paths(out)["failures"].read_text())
     assert summary["failed"] == len(failures) >= 1
     for failure in failures:
         assert failure["status"] in (500, 507) and failure["error"] == "Worker died." and failure["transient"]
@@ -160,12 +170,14 @@ def test_a_server_restart_between_two_batch_runs_loses_nothing(run_dir: Path, mo
                                                                tmp_path):  # fmt: skip
     folder = make_folder(tmp_path / "images", reference_dir, 4)
     out = tmp_path / "restart.json"
-    future = start_batch(folder, out, Endpoints.load(run_dir), concurrency=1, retries=1, backoff=0.2)
+    stopped = threading.Event()
+    future = start_batch(folder, out, Endpoints.load(run_dir), hold=stopped, concurrency=1, retries=1, backoff=0.2)
     wait_for(lambda: journaled(out) >= 1, 300, "the first answer")
     server.stop(run_dir)
+    stopped.set()  # the other three are sent to a stopped server
     first = future.result(timeout=300)
-    assert first["succeeded"] >= 1 and first["failed"] >= 1 and first["succeeded"] + first["failed"] == 4
-    failures = json.loads(batch_predict.output_paths(out)["failures"].read_text())
+    assert (first["succeeded"], first["failed"]) == (1, 3)
+    failures = json.loads(batch.output_paths(out)["failures"].read_text())
     assert all(f["transient"] for f in failures), failures
 
     server.start(run_dir, model_store, models=[MODEL], ports=server.free_ports())  # other ports: server.json says
@@ -173,7 +185,7 @@ def test_a_server_restart_between_two_batch_runs_loses_nothing(run_dir: Path, mo
                "--out", str(out), "--run-dir", str(run_dir)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    second = json.loads(batch_predict.output_paths(out)["summary"].read_text())
+    second = json.loads(batch.output_paths(out)["summary"].read_text())
     assert second["sent_this_run"] == first["failed"] and second["skipped_finished_earlier"] == first["succeeded"]
     assert (second["succeeded"], second["failed"]) == (4, 0)
     check_results(out, folder, Endpoints.load(run_dir))

@@ -6,11 +6,11 @@ from __future__ import annotations
 import requests
 from test_finetuned import PIPELINES, photo, png, processing_params, trainer_checkpoint
 
-import archive
-import server
 import sg_oracle
 from reference_match import unmatched
 from yolonas import random_model
+from yolonas_tools import server
+from yolonas_tools.cli import run_command
 
 
 def test_served_finetuned_checkpoint_matches_predict(endpoints, model_store, tmp_path):
@@ -18,7 +18,9 @@ def test_served_finetuned_checkpoint_matches_predict(endpoints, model_store, tmp
     params = processing_params(PIPELINES["bgr_rescale_normalize_512x384"], conf=0.15)
     path = trainer_checkpoint(tmp_path / "ckpt_best.pth", model, params)
     assert (
-        archive.main(["--variant", "s", "--weights", path, "--model-name", "pets", "--export-path", str(model_store)])
+        run_command(
+            "archive", ["--variant", "s", "--weights", path, "--model-name", "pets", "--export-path", str(model_store)]
+        )
         == 0
     )
     server.register(endpoints, "pets")

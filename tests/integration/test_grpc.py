@@ -10,13 +10,12 @@ import sys
 from pathlib import Path
 
 import grpc
-import inference_pb2
-import inference_pb2_grpc
 import pytest
 import requests
-from grpc_client import GrpcClient, PredictionError
 
-from conftest import build_archive
+from helpers import build_archive
+from yolonas_tools.generated import inference_pb2, inference_pb2_grpc
+from yolonas_tools.grpc_client import GrpcClient, PredictionError
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "yolo_nas_s"

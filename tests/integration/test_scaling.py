@@ -3,12 +3,15 @@ API, then through gRPC, while clients keep sending requests; none may be lost. A
 (the numbers are printed: run with -s; M and L only with YOLONAS_ALL_VARIANTS=1, their archives take minutes to build).
 
 TorchServe 0.12 does not drain a worker it scales down: the batch that worker is running fails with 500 "Worker died."
-(WorkerThread's finally block), and the management call itself sometimes fails on a race in BatchAggregator.sendError
-(ConcurrentModificationException) although the worker is gone. Worse, requests the removed worker had already taken
+(WorkerThread's finally block). Worse, requests the removed worker had already taken
 from the queue while it waited up to maxBatchDelay to fill its batch are dropped without an answer
 (BatchAggregator.cleanJobs clears them when the scale-down interrupts the wait): their clients see only their own
 timeout. Clients must retry both once; these do (a lost request after REQUEST_TIMEOUT_S), and the test checks that
-every request is answered in the end, nothing else ever fails, and the worker count is right after every call.
+every request is answered in the end, nothing else ever fails, every scale call (REST and gRPC) succeeds, and the
+worker count is right after every call. The one failure a scale call may have is TorchServe's own race, documented in
+the README (Scaling): a scale-down whose removed worker still holds jobs throws ConcurrentModificationException in
+BatchAggregator.sendError, the call answers 500 (gRPC: an error), and the worker is gone all the same. It is accepted
+only when TorchServe logged that exception during the call, and the worker count is checked after it like any other.
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ import grpc
 import psutil
 import pytest
 import requests
-from grpc_client import GrpcClient
 
-import server
-from conftest import build_archive
+from helpers import build_archive
+from yolonas_tools import server
+from yolonas_tools.grpc_client import GrpcClient
 
 MODEL = "yolo_nas_s"
 SCALED_DOWN_BATCH = "Worker died."  # what the requests of a scaled-down worker's batch get
 REQUEST_TIMEOUT_S = 60  # S answers a batch within a few seconds here: longer means the request was dropped
+SCALE_DOWN_RACE = "java.util.ConcurrentModificationException"  # TorchServe 0.12's scale-down race (module docstring)
 
 
 class Load:
@@ -90,23 +94,46 @@ def describe(endpoints, name: str) -> dict:
     return response.json()[0]
 
 
-def rest_scale(endpoints, name: str, workers: int) -> None:
+def scale_down_races(endpoints) -> int:
+    """How often TorchServe has logged its scale-down race so far."""
+    log = endpoints.run_dir / "logs" / "ts_log.log"
+    return log.read_text(errors="replace").count(SCALE_DOWN_RACE) if log.is_file() else 0
+
+
+def logged_race_since(endpoints, before: int, timeout: float = 10) -> bool:
+    """Whether TorchServe logged its scale-down race after ``before`` races (the log may trail the answer)."""
+    deadline = time.monotonic() + timeout
+    while scale_down_races(endpoints) <= before:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def rest_scale(endpoints, name: str, workers: int, races: list[str] | None = None) -> None:
+    """Scale and assert that it succeeded; with ``races``, TorchServe's logged scale-down race is noted there
+    instead of failing."""
     params = {"min_worker": workers, "max_worker": workers, "synchronous": "true"}
+    before = scale_down_races(endpoints)
     response = requests.put(
         f"{endpoints.management}/models/{name}", params=params, headers=endpoints.auth("management"), timeout=600
     )
-    if response.status_code == 500 and "ConcurrentModificationException" in response.text:
-        return  # the scale-down race (module docstring): the worker count is checked by the caller
-    assert response.status_code == 200, response.text
+    if races is not None and response.status_code == 500 and logged_race_since(endpoints, before):
+        races.append(f"REST scale to {workers}: {response.text[:200]}")
+        return
+    assert response.status_code == 200 and response.json()["status"] == f"Workers scaled to {workers} for model: {name}"
 
 
-def grpc_scale(client: GrpcClient, name: str, workers: int) -> None:
+def grpc_scale(client: GrpcClient, endpoints, name: str, workers: int, races: list[str]) -> None:
+    before = scale_down_races(endpoints)
     try:
-        client.scale(name, workers)
+        message = client.scale(name, workers)
     except grpc.RpcError as exc:
-        # The same race escapes TorchServe's gRPC handler as an unhandled exception: UNKNOWN, no details.
-        if exc.code() != grpc.StatusCode.UNKNOWN:
+        if not logged_race_since(endpoints, before):
             raise
+        races.append(f"gRPC scale to {workers}: {exc.code()} {exc.details()}")
+        return
+    assert message == f"Workers scaled to {workers} for model: {name}"
 
 
 def wait_for_workers(endpoints, name: str, count: int, timeout: float = 120) -> None:
@@ -121,8 +148,12 @@ def wait_for_workers(endpoints, name: str, count: int, timeout: float = 120) -> 
 
 def test_scaling_under_load_loses_no_request(endpoints, reference_dir: Path):
     image = (reference_dir / "images" / "img_a_h480_w640.png").read_bytes()
+    races: list[str] = []
     with GrpcClient(endpoints) as client, Load(endpoints, image) as load:
-        scalers = {"REST": lambda n: rest_scale(endpoints, MODEL, n), "gRPC": lambda n: grpc_scale(client, MODEL, n)}
+        scalers = {
+            "REST": lambda n: rest_scale(endpoints, MODEL, n, races),
+            "gRPC": lambda n: grpc_scale(client, endpoints, MODEL, n, races),
+        }
         try:
             load.wait_for_answers()
             for scale in scalers.values():
@@ -131,9 +162,9 @@ def test_scaling_under_load_loses_no_request(endpoints, reference_dir: Path):
                     wait_for_workers(endpoints, MODEL, workers)
                     load.wait_for_answers()
         finally:
-            rest_scale(endpoints, MODEL, 1)  # leave the session server as the other tests expect it
+            rest_scale(endpoints, MODEL, 1, races)  # leave the session server as the other tests expect it
     print(f"\n{len(load.outcomes)} requests during scaling, {len(load.retried)} retried after a scale-down: "
-          f"{load.retried}")  # fmt: skip
+          f"{load.retried}; TorchServe's scale-down race: {races}")  # fmt: skip
     failures = [o for o in load.outcomes if o != 200]
     assert failures == [], f"{len(failures)} of {len(load.outcomes)} requests failed: {failures[:3]}"
 

@@ -14,18 +14,15 @@ from pathlib import Path
 from urllib.parse import quote
 
 import grpc
-import inference_pb2
-import inference_pb2_grpc
-import management_pb2
-import management_pb2_grpc
 import psutil
 import pytest
 import requests
 import torch
 from google.protobuf import empty_pb2
 
-import server
-from common import read_key
+from yolonas_tools import server
+from yolonas_tools.generated import inference_pb2, inference_pb2_grpc, management_pb2, management_pb2_grpc
+from yolonas_tools.keys import read_key
 
 MODEL = "yolo_nas_s"
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}

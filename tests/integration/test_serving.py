@@ -9,9 +9,9 @@ from pathlib import Path
 
 import requests
 
-import server
-from conftest import build_archive
+from helpers import build_archive
 from reference_match import unmatched
+from yolonas_tools import server
 
 
 def post_image(endpoints, model: str, data: bytes, content_type: str = "image/png", **headers) -> requests.Response:

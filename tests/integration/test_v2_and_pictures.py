@@ -12,13 +12,13 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import open_inference_grpc_pb2 as oip
-import open_inference_grpc_pb2_grpc as oip_grpc
 import pytest
 import requests
 from PIL import Image
 
-import server
+from yolonas_tools import server
+from yolonas_tools.generated import open_inference_grpc_pb2 as oip
+from yolonas_tools.generated import open_inference_grpc_pb2_grpc as oip_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "yolo_nas_s"
@@ -163,3 +163,32 @@ def test_annotated_picture(endpoints, image_path: Path, tmp_path: Path):
     assert done.returncode == 0, done.stderr
     assert f"detections from {MODEL}" in done.stdout
     assert saved.read_bytes() == pictures["accept"]
+
+
+def test_v2_grpc_several_images(oip_server, image_path: Path, reference_dir: Path):
+    """Shape [N] through TorchServe's OIP gRPC: N answers in order (outputs gain a leading N axis)."""
+    images = [image_path.read_bytes(), b"not an image", (reference_dir / "images" / "img_b_h800_w600.png").read_bytes()]
+    tensor = oip.ModelInferRequest.InferInputTensor(
+        name="image", datatype="BYTES", shape=[3], contents=oip.InferTensorContents(bytes_contents=images)
+    )
+    metadata = (("authorization", f"Bearer {oip_server.key('inference')}"),)
+    with grpc.insecure_channel(oip_server.grpc_inference) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        reply = stub.ModelInfer(
+            oip.ModelInferRequest(model_name=MODEL, inputs=[tensor]), metadata=metadata, timeout=120
+        )
+    outputs = {o.name: o for o in reply.outputs}
+    counts = list(outputs["num_detections"].contents.int64_contents)
+    errors = [json.loads(e) for e in outputs["errors"].contents.bytes_contents]
+    assert counts[1] == 0 and errors[0] == errors[2] == "" and errors[1].startswith("not an image")
+    width = max(counts)
+    assert list(outputs["boxes"].shape) == [3, width, 4]
+    boxes = np.reshape(outputs["boxes"].contents.fp32_contents, (3, width, 4))
+    scores = np.reshape(outputs["scores"].contents.fp32_contents, (3, width))
+    ids = np.reshape(outputs["class_ids"].contents.int64_contents, (3, width))
+    names = np.reshape([json.loads(n) for n in outputs["class_names"].contents.bytes_contents], (3, width))
+    for slot in (0, 2):
+        n = counts[slot]
+        columns = {"boxes": boxes[slot, :n].tolist(), "scores": scores[slot, :n].tolist(),
+                   "class_ids": ids[slot, :n].tolist(), "class_names": names[slot, :n].tolist()}  # fmt: skip
+        assert_same_detections(columns, plain(oip_server, images[slot])["detections"])

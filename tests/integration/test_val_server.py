@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import requests
-import val
-from datasets import load_dataset
 
-import server
-from conftest import build_archive
+from helpers import build_archive
+from yolonas_tools import evaluation, server
+from yolonas_tools.cli import run_command
+from yolonas_tools.datasets import load_dataset
 
 MODEL = "shapes_val"  # a name of its own: other tests may register "shapes" with other flags
 
@@ -33,7 +33,7 @@ def test_server_reproduces_super_gradients_and_in_process_numbers(
     out = tmp_path / "server.json"
     argv = ["--model", shapes_model, "--data", str(data), "--server", "--run-dir", str(endpoints.run_dir),
             "--out", str(out)]  # fmt: skip
-    assert val.main(argv) == 0
+    assert run_command("val", argv) == 0
     served = json.loads(out.read_text())
     assert served["metrics"]["mAP50-95"] == pytest.approx(expected["mAP50-95"], abs=0.005)
     assert served["metrics"]["mAP50"] == pytest.approx(expected["mAP50"], abs=0.005)
@@ -41,9 +41,9 @@ def test_server_reproduces_super_gradients_and_in_process_numbers(
     assert "WARNING" not in capsys.readouterr().err  # class names and image sizes agree with the dataset
 
     dataset = load_dataset(data)
-    detector = val.local_detector(shapes_dir / "checkpoint.pth", shapes_model)
-    responses = val.local_responses(detector, dataset.images, val.EvalOptions(), batch_size=8)
-    local = val.evaluate(dataset, val.collect(dataset, responses))
+    detector = evaluation.local_detector(shapes_dir / "checkpoint.pth", shapes_model)
+    responses = evaluation.local_responses(detector, dataset.images, evaluation.EvalOptions(), batch_size=8)
+    local = evaluation.evaluate(dataset, evaluation.collect(dataset, responses))
     metrics = served["metrics"]
     assert (local.map50_95, local.map50, local.precision, local.recall) == pytest.approx(
         (metrics["mAP50-95"], metrics["mAP50"], metrics["precision"], metrics["recall"]), abs=1e-4
@@ -51,8 +51,8 @@ def test_server_reproduces_super_gradients_and_in_process_numbers(
     assert [c.ap50_95 for c in local.classes] == pytest.approx([c["AP50-95"] for c in served["classes"]], abs=1e-4)
 
 
-def test_an_unknown_model_stops_validation_with_the_server_error(endpoints, shapes_dir):
+def test_an_unknown_model_stops_validation_with_the_server_error(endpoints, shapes_dir, capsys):
     data = shapes_dir / "val" / "data.yaml"
     argv = ["--model", "no_such_model", "--data", str(data), "--run-dir", str(endpoints.run_dir)]
-    with pytest.raises(SystemExit, match="HTTP 404"):
-        val.main(argv)
+    assert run_command("val", argv) == 1
+    assert "HTTP 404" in capsys.readouterr().err

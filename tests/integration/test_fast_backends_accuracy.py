@@ -1,0 +1,126 @@
+"""What the fast backends and draft decoding cost in accuracy, measured through the session's TorchServe on the
+trained shapes model (../shared/reference/shapes; skipped where absent).
+
+- ``auto`` (OpenVINO bf16 on a CPU with native bf16, fp32 elsewhere) and ``int8`` (NNCF, calibrated on a few
+  synthetic shapes images, not the val images) are served and validated with ``scripts/val.py --server``: their
+  mAP50-95 stays within 0.005 (auto) and 0.01 (int8) of super-gradients' own fp32 number (expected.json).
+- A camera-sized JPEG (4000x3000 as seen, stored 3000x4000 with EXIF orientation 6) is answered in the oriented
+  frame, and draft decoding (libjpeg at 1/8 size) finds the objects full decoding finds, where full decoding
+  answers exactly what the in-process Detector answers for the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from helpers import build_archive, predict_json
+from reference_match import unmatched
+from yolonas_serving.envelope import ImageRequest
+from yolonas_serving.postprocess import Detections
+from yolonas_tools import evaluation, server
+from yolonas_tools.cli import run_command
+from yolonas_tools.datasets import load_dataset
+from yolonas_tools.evaluation import agreement
+from yolonas_tools.synthetic import write_shapes_images
+
+pytest.importorskip("openvino")
+
+#  mAP50-95 may fall this far below super-gradients' fp32 number (the issue's bounds).
+TOLERANCE = {"auto": 0.005, "int8": 0.01}
+CALIBRATION_IMAGES = 16
+CAMERA_SIZE = (4000, 3000)  # width, height as seen after orientation
+
+
+@pytest.fixture(scope="module")
+def shapes_models(ts_server, model_store: Path, shapes_dir: Path, tmp_path_factory):
+    """Name -> model on the session server: the shapes checkpoint as auto, int8, torch, and torch without draft
+    decoding."""
+    pytest.importorskip("nncf")
+    checkpoint = shapes_dir / "checkpoint.pth"
+    calibration = tmp_path_factory.mktemp("calibration")
+    write_shapes_images(calibration, CALIBRATION_IMAGES, seed=1)
+    flags = {
+        "shapes_fast_auto": ["--backend", "auto"],
+        "shapes_fast_int8": ["--backend", "int8", "--calibration-images", str(calibration)],
+        "shapes_draft": [],
+        "shapes_full_decode": ["--set", "jpeg_draft=false"],
+    }
+    for name, extra in flags.items():
+        build_archive(checkpoint, model_store, name, *extra)
+        server.register(ts_server, name)
+    yield list(flags)
+    for name in flags:
+        requests.delete(f"{ts_server.management}/models/{name}", headers=ts_server.auth("management"), timeout=60)
+
+
+@pytest.mark.parametrize("backend", ["auto", "int8"])
+def test_fast_backend_keeps_map_of_fp32(endpoints, shapes_models, shapes_dir: Path, tmp_path: Path, backend: str):
+    expected = json.loads((shapes_dir / "expected.json").read_text())
+    out = tmp_path / f"{backend}.json"
+    argv = ["--model", f"shapes_fast_{backend}", "--data", str(shapes_dir / "val" / "data.yaml"), "--server",
+            "--run-dir", str(endpoints.run_dir), "--out", str(out)]  # fmt: skip
+    assert run_command("val", argv) == 0
+    found = json.loads(out.read_text())["metrics"]["mAP50-95"]
+    assert found == pytest.approx(expected["mAP50-95"], abs=TOLERANCE[backend]), (backend, found)
+
+
+def camera_jpeg(shapes_dir: Path) -> tuple[bytes, bytes]:
+    """(stored 3000x4000 with EXIF orientation 6, the same scene stored upright): a shapes val image enlarged onto
+    a 4000x3000 grey canvas."""
+    first = load_dataset(shapes_dir / "val" / "data.yaml").images[0].path
+    width, height = CAMERA_SIZE
+    canvas = Image.new("RGB", CAMERA_SIZE, (114, 114, 114))
+    with Image.open(first) as image:
+        square = image.convert("RGB").resize((height, height), Image.Resampling.LANCZOS)
+    canvas.paste(square, ((width - height) // 2, 0))
+    # Orientation 6 means "rotate 90 degrees clockwise to display": store the scene turned the other way.
+    stored = canvas.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated, upright = io.BytesIO(), io.BytesIO()
+    stored.save(rotated, format="JPEG", quality=90, exif=exif)
+    canvas.save(upright, format="JPEG", quality=90)
+    return rotated.getvalue(), upright.getvalue()
+
+
+def as_detections(body: dict) -> Detections:
+    found = body["detections"]
+    return Detections(
+        np.array([d["box"] for d in found], dtype=np.float32).reshape(-1, 4),
+        np.array([d["score"] for d in found], dtype=np.float32),
+        np.array([d["class_id"] for d in found], dtype=np.int64),
+    )
+
+
+def test_camera_jpeg_draft_decoding_finds_what_full_decoding_finds(endpoints, shapes_models, shapes_dir: Path):
+    rotated, upright = camera_jpeg(shapes_dir)
+    with Image.open(io.BytesIO(rotated)) as image:
+        assert image.size == (3000, 4000) and image.getexif()[0x0112] == 6
+    full = predict_json(endpoints, "shapes_full_decode", rotated)
+    draft = predict_json(endpoints, "shapes_draft", rotated)
+    assert full["image_size"] == draft["image_size"] == list(CAMERA_SIZE)
+    assert len(full["detections"]) >= 1, "the shapes model should find the val image's shapes"
+
+    # Full decoding through the server is the in-process Detector's answer for the same bytes, exactly.
+    detector = evaluation.local_detector(shapes_dir / "checkpoint.pth", "shapes")
+    detector.jpeg_draft = False
+    (local,) = detector.detect([detector.prepare(ImageRequest(rotated))])
+    record = {"width": CAMERA_SIZE[0], "height": CAMERA_SIZE[1], "boxes_xyxy": local.boxes.tolist(),
+              "scores": local.scores.tolist(), "class_ids": local.class_ids.tolist()}  # fmt: skip
+    assert unmatched(full["detections"], record) == ([], [])
+
+    # EXIF orientation is honoured: the stored-rotated JPEG finds what the upright one finds, where it finds it.
+    straight = agreement([as_detections(predict_json(endpoints, "shapes_full_decode", upright))], [as_detections(full)])
+    assert straight["matched"] == 1.0 and straight["mean_iou"] > 0.95
+
+    # Draft decoding (1/8 of each side here) moves boxes by resampling noise only.
+    same = agreement([as_detections(full)], [as_detections(draft)])
+    assert same["matched"] == 1.0, same
+    assert same["mean_iou"] > 0.95 and same["max_score_diff"] < 0.1, same

@@ -1,0 +1,42 @@
+"""The batch job's kinds of failure, without a server (tests/integration/test_batch_predict.py covers retries and
+refusals through run())."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from yolonas_tools.batch import FatalError, PermanentError, SendError, Stop, TransientError, process
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    (tmp_path / "a.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+    return tmp_path
+
+
+def sender(*failures: SendError):
+    """Raises ``failures`` one per call, then answers."""
+    calls = []
+
+    def send(data: bytes, file_name: str) -> dict:
+        calls.append(file_name)
+        if len(calls) <= len(failures):
+            raise failures[len(calls) - 1]
+        return {"image_size": [2, 1], "detections": []}
+
+    return send, calls
+
+
+def test_the_three_kinds_are_siblings():
+    kinds = (TransientError, PermanentError, FatalError)
+    assert all(issubclass(kind, SendError) for kind in kinds)
+    assert not any(issubclass(a, b) for a in kinds for b in kinds if a is not b)
+
+
+def test_a_fatal_failure_stops_the_run_and_leaves_the_image_pending(image):
+    send, calls = sender(FatalError("model unknown", 404))
+    stop = Stop()
+    assert process(image, "a.jpg", send, retries=3, backoff=0.0, stop=stop) is None
+    assert stop.reason == "model unknown (404)" and len(calls) == 1

@@ -1,0 +1,92 @@
+"""Settings are checked once, the same way, when an archive is built (scripts/archive.py --set / --handler-config)
+and when a worker loads it (HandlerSettings.from_config): a bad value fails there, never on every request."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from yolonas_serving.settings import HANDLER_RULES, HandlerSettings, SettingsError, check_model_config
+from yolonas_tools import archive
+from yolonas_tools.cli import run_command
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"conf": "0.3"}, "conf: got '0.3' (str), allowed: a number from 0 to 1"),
+        ({"max_det": 0}, "max_det: got 0 (int), allowed: an integer from 1 to 10000"),
+        ({"multi_label": 1}, "multi_label: got 1 (int), allowed: true or false"),
+        ({"torch_threads": 2.0}, "torch_threads: got 2.0 (float), allowed: an integer"),
+        ({"conf": float("nan")}, "conf: got nan"),
+        ({"confidence": 0.5, "jpeg_draft": "no"}, "unknown keys ['confidence']; jpeg_draft: got 'no'"),
+    ],
+)
+def test_the_worker_refuses_wrong_types_and_ranges(section, message):
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        HandlerSettings.from_config(section)
+
+
+def test_every_field_has_a_rule_and_defaults_pass_it():
+    assert set(HANDLER_RULES) == set(HandlerSettings.__dataclass_fields__)
+    assert HandlerSettings.from_config(HandlerSettings().as_config()) == HandlerSettings()
+    assert HandlerSettings.from_config({"conf": 1, "class_agnostic": True}).nms_options().class_agnostic
+
+
+def test_model_keys_are_checked_too():
+    with pytest.raises(SettingsError, match="responseTimeout: got '60' \\(str\\)"):
+        check_model_config({"responseTimeout": "60"})
+    with pytest.raises(SettingsError, match="minWorkers 3 is above maxWorkers 2"):
+        check_model_config({"minWorkers": 3, "maxWorkers": 2})
+    with pytest.raises(SettingsError, match="unknown keys \\['maxWorker'\\]"):
+        check_model_config({"maxWorker": 2})
+
+
+def run_archive(random_checkpoint, tmp_path: Path, capsys, *flags: str) -> str:
+    """archive.py with flags: the error it reports, or argparse's exit status for a usage error ("" when it built
+    the archive)."""
+    argv = ["--variant", "s", "--weights", str(random_checkpoint("s")), "--model-name", "m",
+            "--export-path", str(tmp_path), *flags]  # fmt: skip
+    try:
+        status = run_command("archive", argv)
+    except SystemExit as exc:
+        return str(exc.code)
+    return capsys.readouterr().err if status else ""
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--set", 'conf="0.3"'], "conf: got '0.3' (str), allowed: a number from 0 to 1"),
+        (["--set", "maxWorkers=0"], "maxWorkers: got 0 (int), allowed: an integer from 1 to 64"),
+        (["--set", "handler.max_det=lots"], "max_det: got 'lots' (str)"),
+        (["--set", "confidence=0.3"], "unknown key 'confidence'; handler keys: variant"),
+        (["--set", "conf"], "expected KEY=VALUE"),
+        (["--set", "backend=onnx"], "backend is fixed by what the archive stores; set it with --backend"),
+    ],
+)
+def test_archive_refuses_bad_settings_naming_key_value_and_range(random_checkpoint, tmp_path, capsys, flags, message):
+    assert message in run_archive(random_checkpoint, tmp_path, capsys, *flags)
+    assert not list(tmp_path.glob("*.mar"))
+
+
+def test_archive_refuses_a_bad_handler_config_file_or_version(random_checkpoint, tmp_path, capsys):
+    config = tmp_path / "settings.yaml"
+    config.write_text(yaml.safe_dump({"batchSize": 2, "handler": {"conf": "0.3"}}))
+    assert "conf: got '0.3' (str)" in run_archive(random_checkpoint, tmp_path, capsys, "--handler-config", str(config))
+    assert run_archive(random_checkpoint, tmp_path, capsys, "--version", "v 2") == "2"  # argparse's usage error
+    assert "--version 'v 2': letters, digits" in capsys.readouterr().err
+
+
+def test_read_overrides_file_then_set(tmp_path):
+    config = tmp_path / "settings.yaml"
+    config.write_text(yaml.safe_dump({"maxWorkers": 2, "handler": {"conf": 0.5, "max_det": 50}}))
+    overrides = archive.read_overrides(config, ["conf=0.4", "handler.class_agnostic=true", "responseTimeout=30"])
+    assert overrides == {
+        "maxWorkers": 2,
+        "responseTimeout": 30,
+        "handler": {"conf": 0.4, "max_det": 50, "class_agnostic": True},
+    }
