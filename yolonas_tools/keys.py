@@ -126,9 +126,8 @@ def write_state(path: Path, state: dict) -> None:
     os.replace(temporary, path)
 
 
-def alive(pid: int | None) -> bool:
-    if pid is None:
-        return True
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -138,13 +137,18 @@ def alive(pid: int | None) -> bool:
     return True
 
 
+def _serving(server_pid: int | None) -> bool:
+    """Without a server pid the renewer runs until it is stopped."""
+    return server_pid is None or process_alive(server_pid)
+
+
 def renew_forever(key_file: Path, management: str, margin_s: float, server_pid: int | None) -> int:
     """The renewing loop. Errors are logged and retried at the next check: it ends only with the server."""
     interval = check_interval_s(margin_s)
     state_file = key_file.with_name("renewer.json")
     log.info("renewing keys in %s through %s, %.0f s before they expire, checking every %.0f s",
              key_file, management, margin_s, interval)  # fmt: skip
-    while alive(server_pid):
+    while _serving(server_pid):
         state = {"pid": os.getpid(), "checked_at": time.time(), "check_every_s": interval, "margin_s": margin_s}
         try:
             state["seconds_left"] = check_once(key_file, management, margin_s)
@@ -168,10 +172,10 @@ def supervise(argv: list[str], server_pid: int | None) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     try:
-        while alive(server_pid):
+        while _serving(server_pid):
             child = subprocess.Popen([sys.executable, str(RENEWER_COMMAND), *argv, "--no-supervisor"])
             code = child.wait()
-            if code == 0 or not alive(server_pid):
+            if code == 0 or not _serving(server_pid):
                 return code
             log.error("THE KEY RENEWER DIED (exit code %s): restarting it in %.0f s", code, RESTART_DELAY_S)
             time.sleep(RESTART_DELAY_S)

@@ -18,7 +18,7 @@ from pathlib import Path
 import requests
 
 from yolonas_tools.clients import Endpoints, NoServerError, authorized_request
-from yolonas_tools.keys import RENEWER_COMMAND, KeyFileError, read_keys, seconds_left
+from yolonas_tools.keys import RENEWER_COMMAND, KeyFileError, process_alive, read_keys, seconds_left
 from yolonas_tools.paths import MODEL_STORE, REPO, RUN_DIR, installed_command, read_properties
 
 CONFIG = REPO / "config.properties"
@@ -127,14 +127,6 @@ def _log_tail(run_dir: Path, lines: int = 30) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
-
-
 def start_renewer(run_dir: Path, margin_min: float | None = None) -> int:
     """scripts/key_renewer.py for the server of ``run_dir``, in its own session (``stop`` ends it); its pid."""
     run_dir = Path(run_dir).resolve()
@@ -159,7 +151,7 @@ def _kill_group(pid_file: Path, timeout: float) -> bool:
         pid_file.unlink(missing_ok=True)
         return False
     deadline = time.monotonic() + timeout
-    while _pid_alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         try:
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
@@ -191,7 +183,7 @@ def start(
         raise ServerError("torchserve is not installed in this environment: pip install -r requirements.txt")
     run_dir = Path(run_dir).resolve()
     pid_file = run_dir / "server.pid"
-    if pid_file.is_file() and _pid_alive(int(pid_file.read_text())):
+    if pid_file.is_file() and process_alive(int(pid_file.read_text())):
         raise ServerError(f"a server from {run_dir} is already running (pid {pid_file.read_text().strip()})")
     _remove_extracted_archives(run_dir)  # left by a server that did not stop through stop()
     for sub in ("tmp", "logs"):
@@ -284,7 +276,7 @@ def wait_in_foreground(run_dir: Path) -> int:
         while True:
             for name in ("server", "renewer"):
                 pid = int((run_dir / f"{name}.pid").read_text())
-                if not _pid_alive(pid) or _reaped(pid):
+                if not process_alive(pid) or _reaped(pid):
                     print(f"error: the {name} process ({pid}) is gone: stopping", file=sys.stderr, flush=True)
                     stop(run_dir)
                     return 1
@@ -320,7 +312,7 @@ def renewer_status(run_dir: Path) -> tuple[bool, str]:
     """(healthy, one line): the renewer process is alive and has checked the keys recently."""
     pid_file, state_file = run_dir / "renewer.pid", run_dir / "renewer.json"
     fix = f"keys will expire; restart it with: python scripts/server.py renewer --run-dir {run_dir}"
-    if not pid_file.is_file() or not _pid_alive(int(pid_file.read_text())):
+    if not pid_file.is_file() or not process_alive(int(pid_file.read_text())):
         return False, f"KEY RENEWER IS NOT RUNNING: {fix}"
     try:
         state = json.loads(state_file.read_text())
