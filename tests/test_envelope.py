@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -170,6 +172,33 @@ def test_binary_extension_input_and_reserved_parameters():
     body, headers = v2_binary_body([IMAGE], {"triton_enable_empty_final_response": True}, outputs)
     request = parse_request({"body": body}, headers)
     assert request.options == {} and request.v2.outputs == {"scores": False, "boxes": False} and not request.many
+
+
+@pytest.mark.parametrize("encoding, compress", [("gzip", gzip.compress), ("Deflate", zlib.compress)])
+def test_compressed_bodies_as_triton_sends_them(encoding, compress):
+    body, headers = v2_binary_body([IMAGE, b"other"], {"conf": 0.4})
+    request = parse_request({"body": compress(body)}, {**headers, "Content-Encoding": encoding})
+    assert request.images == [IMAGE, b"other"] and request.options == {"conf": 0.4}
+    raw = parse_request({"body": bytearray(compress(IMAGE))}, {"content-encoding": encoding.lower()})
+    assert raw.images == [IMAGE]
+    assert parse_request({"body": IMAGE}, {"Content-Encoding": "identity"}).images == [IMAGE]
+
+
+@pytest.mark.parametrize(
+    "body, encoding, message, status",
+    [
+        (gzip.compress(IMAGE), "br", "'br' is not supported", 415),
+        (IMAGE, "gzip", "not valid gzip data", 400),
+        (gzip.compress(IMAGE)[:-12], "gzip", "truncated", 400),
+        (zlib.compress(bytes(2048)), "deflate", "expands beyond 1024 bytes", 413),
+        ({"image": B64}, "gzip", "must be sent as bytes", 400),
+    ],
+)
+def test_bad_compressed_bodies(body, encoding, message, status):
+    """A compressed body that cannot be undone, or that would expand past twice the byte limit, fails alone."""
+    with pytest.raises(RequestError, match=message) as caught:
+        parse_request({"body": body}, {"Content-Encoding": encoding}, RequestLimits(max_bytes=512))
+    assert caught.value.status == status
 
 
 def test_several_images_each_judged_alone():

@@ -7,6 +7,7 @@ Request shapes (TorchServe batches requests; one request holds one image or seve
 - JSON: ``{"image": "<base64>", "conf": 0.5, ...}``, or ``{"images": ["<base64>", ...], ...}`` for several;
 - KServe v2 / Open Inference Protocol: one BYTES input of shape ``[N]`` (N images, base64 in JSON, raw with the
   binary tensor extension), our options in ``parameters``; answered in v2 form, as JSON or binary outputs.
+A body may be compressed (``Content-Encoding: gzip`` or ``deflate``, as Triton's client offers); answers are not.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import binascii
 import json
 import math
 import struct
+import zlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,6 +33,10 @@ MAX_DET_LIMIT = 10_000
 IMAGE_FIELDS = ("image", "file", "data", "body")
 #  The binary tensor extension (Triton, KServe): the body is a JSON header of this many bytes, then raw tensors.
 BINARY_HEADER = "inference-header-content-length"
+#  Request body encodings and their zlib window bits ("deflate" is the zlib format, as HTTP and Triton's client use it).
+CONTENT_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+#  A compressed body may expand to this many times the request's byte limit (room for base64 and JSON around images).
+MAX_EXPANSION = 2
 #  Parameters the v2 protocol and its clients reserve. binary_data_output, binary_data and binary_data_size are
 #  honoured; the others (sequence and scheduling hints, classification, content_type) mean nothing to a detector
 #  and are ignored. Anything under the triton_ prefix is reserved too.
@@ -254,7 +260,8 @@ def parse_request(
     if not row:
         raise RequestError("empty request: send an image as the body, a form file, or JSON")
     if "body" in row:
-        request = _parse_body(row["body"], _field_type(headers, "body"), _header(headers, BINARY_HEADER), limits)
+        body = _decompressed(row["body"], _header(headers, "content-encoding"), limits)
+        request = _parse_body(body, _field_type(headers, "body"), _header(headers, BINARY_HEADER), limits)
     else:
         request = _parse_form(row, headers)
     for key, value in header_options(headers).items():
@@ -263,6 +270,31 @@ def parse_request(
     if total > limits.max_bytes:
         raise RequestError(f"the request's images hold {total} bytes; at most {limits.max_bytes}", status=413)
     return request
+
+
+def _decompressed(body: Any, encoding: str | None, limits: RequestLimits) -> Any:
+    """The body with its ``Content-Encoding`` undone; the expansion is bounded, so that a small compressed body cannot
+    fill the worker's memory."""
+    name = (encoding or "").strip().lower()
+    if name in ("", "identity"):
+        return body
+    if name not in CONTENT_ENCODINGS:
+        raise RequestError(
+            f"Content-Encoding {encoding!a} is not supported; send {', '.join(CONTENT_ENCODINGS)} or none", status=415
+        )
+    if not isinstance(body, (bytes, bytearray)):  # TorchServe decoded it as JSON or text: it was not compressed
+        raise RequestError(f"a {name} body must be sent as bytes (application/octet-stream), not as JSON or text")
+    bound = MAX_EXPANSION * limits.max_bytes
+    inflater = zlib.decompressobj(CONTENT_ENCODINGS[name])
+    try:
+        raw = inflater.decompress(bytes(body), bound + 1)
+    except zlib.error as exc:
+        raise RequestError(f"the body is not valid {name} data ({exc})") from None
+    if len(raw) > bound:
+        raise RequestError(f"the {name} body expands beyond {bound} bytes", status=413)
+    if not inflater.eof:
+        raise RequestError(f"the {name} body is truncated")
+    return raw
 
 
 def _parse_body(body: Any, content_type: str, binary_header: str | None, limits: RequestLimits) -> ParsedRequest:

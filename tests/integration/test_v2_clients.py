@@ -83,6 +83,21 @@ def test_triton_client(triton, ts_server, images, binary_input, outputs):
     assert_equal_to_plain({n: result.as_numpy(n) for n in names}, expected)
 
 
+@pytest.mark.parametrize("binary_input", [False, True], ids=["json-input", "binary-input"])
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_triton_client_with_compression(triton, ts_server, images, binary_input, algorithm):
+    """The client compresses the body and asks for a compressed answer; the answer comes back uncompressed."""
+    result = triton.infer(
+        MODEL,
+        [triton_input(images[:1], binary_input)],
+        parameters={"conf": 0.4},
+        headers=ts_server.auth(),
+        request_compression_algorithm=algorithm,
+        response_compression_algorithm=algorithm,
+    )
+    assert_equal_to_plain({n: result.as_numpy(n) for n in V2_SINGLE}, plain(ts_server, images[0], 0.4))
+
+
 def test_triton_client_unknown_option_is_still_refused(triton, ts_server, images):
     with pytest.raises(tritonclient.InferenceServerException, match="unknown option"):
         triton.infer(MODEL, [triton_input(images[:1], True)], parameters={"confidence": 0.4}, headers=ts_server.auth())
