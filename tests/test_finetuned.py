@@ -130,6 +130,21 @@ def test_archive_records_the_checkpoint_choices(tmp_path, model):
     assert "sequenceBatching" not in config
 
 
+def test_archiving_leaves_the_staging_of_another_build_of_that_name_alone(tmp_path, model, monkeypatch):
+    """torch-model-archiver deletes <temp dir>/<model name> before staging there: another build of the same name,
+    running at that moment, must not lose its files."""
+    shared_tmp = tmp_path / "shared_tmp"
+    other_build = shared_tmp / "pets" / "staged-by-another-build.txt"
+    other_build.parent.mkdir(parents=True)
+    other_build.write_text("still needed")
+    monkeypatch.setenv("TMPDIR", str(shared_tmp))
+    path = trainer_checkpoint(tmp_path / "ckpt.pth", model, processing_params(PIPELINES["center_416"]))
+    args = ["--variant", "s", "--weights", path, "--model-name", "pets", "--export-path", str(tmp_path / "store")]
+    assert run_command("archive", args) == 0
+    assert other_build.read_text() == "still needed"
+    assert (tmp_path / "store" / "pets.mar").is_file()
+
+
 def test_flags_override_the_checkpoint(tmp_path, model):
     path = trainer_checkpoint(tmp_path / "ckpt.pth", model, processing_params(PIPELINES["bottom_right_320"]))
     (tmp_path / "names.txt").write_text("tabby\nbeagle\nrobin\n")

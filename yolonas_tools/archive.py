@@ -10,6 +10,7 @@ checkpoint's ``processing_params`` (pipeline, class names, conf, iou) are honour
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -182,7 +183,11 @@ def build_archive(ckpt: Checkpoint, spec: ArchiveSpec, export_path: Path) -> Pat
             "--extra-files", str(extra), "--config-file", str(config),
             "--export-path", str(export_path), "--force",
         ]  # fmt: skip
-        subprocess.run(command, check=True)
+        # The archiver stages in <temp dir>/<model name> after deleting whatever is there: a temp dir of its own
+        # keeps two builds of one name at once (a test run and a benchmark, say) from destroying each other's files.
+        archiver_tmp = stage / "archiver_tmp"
+        archiver_tmp.mkdir()
+        subprocess.run(command, check=True, env={**os.environ, "TMPDIR": str(archiver_tmp)})
     return export_path / f"{spec.name}.mar"
 
 
