@@ -205,24 +205,25 @@ def start(
             command, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     pid_file.write_text(str(process.pid))
-    (run_dir / "server.json").write_text(json.dumps(_endpoints(props), indent=2))
-    endpoints = Endpoints.load(run_dir)
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            pid_file.unlink(missing_ok=True)
-            raise ServerError(f"TorchServe exited with code {process.returncode} during start:\n{_log_tail(run_dir)}")
-        if (run_dir / "key_file.json").is_file():
-            try:
-                if requests.get(f"{endpoints.inference}/ping", headers=endpoints.auth(), timeout=2).ok:
-                    break
-            except (requests.RequestException, KeyFileError):
-                pass
-        if time.monotonic() > deadline:
-            stop(run_dir)
-            raise ServerError(f"TorchServe did not become healthy within {timeout:.0f} s:\n{_log_tail(run_dir)}")
-        time.sleep(0.5)
-    try:
+    try:  # from here on, whatever interrupts the start (a timeout, an error, Ctrl-C) stops what was started
+        (run_dir / "server.json").write_text(json.dumps(_endpoints(props), indent=2))
+        endpoints = Endpoints.load(run_dir)
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                pid_file.unlink(missing_ok=True)
+                raise ServerError(
+                    f"TorchServe exited with code {process.returncode} during start:\n{_log_tail(run_dir)}"
+                )
+            if (run_dir / "key_file.json").is_file():
+                try:
+                    if requests.get(f"{endpoints.inference}/ping", headers=endpoints.auth(), timeout=2).ok:
+                        break
+                except (requests.RequestException, KeyFileError):
+                    pass
+            if time.monotonic() > deadline:
+                raise ServerError(f"TorchServe did not become healthy within {timeout:.0f} s:\n{_log_tail(run_dir)}")
+            time.sleep(0.5)
         start_renewer(run_dir, renew_margin_min)
         if models == ["all"]:
             models = sorted(p.name for p in Path(model_store).glob("*.mar"))
