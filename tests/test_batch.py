@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from yolonas_tools import batch
 from yolonas_tools.batch import FatalError, PermanentError, SendError, Stop, TransientError, process
 
 
@@ -40,3 +41,29 @@ def test_a_fatal_failure_stops_the_run_and_leaves_the_image_pending(image):
     stop = Stop()
     assert process(image, "a.jpg", send, retries=3, backoff=0.0, stop=stop) is None
     assert stop.reason == "model unknown (404)" and len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "code, kind", [("UNAVAILABLE", TransientError), ("PERMISSION_DENIED", FatalError), ("INTERNAL", PermanentError)]
+)
+def test_a_grpc_error_without_details_is_still_classified(monkeypatch, code, kind):
+    grpc = pytest.importorskip("grpc")
+
+    class BareError(grpc.RpcError):
+        def code(self):
+            return getattr(grpc.StatusCode, code)
+
+        def details(self):
+            return None
+
+    class FailingClient:
+        def __init__(self, endpoints, timeout):
+            pass
+
+        def predict(self, model, data, options):
+            raise BareError()
+
+    monkeypatch.setattr(batch, "GrpcClient", FailingClient)
+    send = batch.grpc_sender(None, "yolo_nas_s", {}, 1.0)
+    with pytest.raises(kind):
+        send(b"image", "a.jpg")

@@ -127,7 +127,7 @@ def grpc_sender(endpoints: Endpoints, model: str, options: dict[str, Any], timeo
         except KeyFileError as exc:  # the key file, as for REST
             raise TransientError(str(exc)) from None
         except grpc.RpcError as exc:
-            code, details = exc.code().name, (exc.details() or "").splitlines()[0]
+            code, details = exc.code().name, (exc.details() or "").partition("\n")[0]
             if code in TRANSIENT_GRPC_CODES or "worker died" in details.lower():
                 raise TransientError(details, code) from None
             if code == "PERMISSION_DENIED" or "not found" in details.lower():
