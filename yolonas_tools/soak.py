@@ -56,7 +56,8 @@ class SoakReport:
         first, last = self.memory[0], self.memory[-1]
         third = max(1, len(self.memory) // 3)
         workers = [s.workers_mb for s in self.memory]
-        frontend = None if first.frontend_mb is None else round(last.frontend_mb - first.frontend_mb, 1)
+        ends = (first.frontend_mb, last.frontend_mb)
+        frontend = None if None in ends else round(ends[1] - ends[0], 1)
         return {
             "workers": round(last.workers_mb - first.workers_mb, 1),
             "workers_trend": round(statistics.median(workers[-third:]) - statistics.median(workers[:third]), 1),
