@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-file", type=Path, help="default: stderr")
     parser.add_argument("--no-supervisor", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    setup_logging(args.log_file)
+    setup_logging(args.log_file, rotates=args.no_supervisor)
     run_dir = args.run_dir.resolve()
     props = read_properties(run_dir / "config.properties")
     pid_file = run_dir / "server.pid"

@@ -186,11 +186,15 @@ def supervise(argv: list[str], server_pid: int | None) -> int:
     return 0
 
 
-def setup_logging(log_file: Path | None) -> None:
+def setup_logging(log_file: Path | None, rotates: bool = True) -> None:
+    """Log to ``log_file`` (else stderr). The renewing loop rotates the file; its supervisor, writing to the same
+    file, only follows it (reopening it after a rotation), so that its lines land in the current file."""
     handler: logging.Handler
     if log_file is None:
         handler = logging.StreamHandler()
-    else:  # bounded like TorchServe's own logs
+    elif rotates:  # bounded like TorchServe's own logs
         handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=1_000_000, backupCount=2)
+    else:
+        handler = logging.handlers.WatchedFileHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] key_renewer %(process)d - %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
