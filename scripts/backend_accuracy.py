@@ -20,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from yolonas_tools.archive import ArchiveError
 from yolonas_tools.paths import REPO
 from yolonas_tools.precision import DEFAULT_BACKENDS, compare_backends, format_table
 
@@ -35,9 +36,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows = []
-    for row in compare_backends(args.backends.split(","), args.shared, args.threads):
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    try:
+        for row in compare_backends(args.backends.split(","), args.shared, args.threads):
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    except ArchiveError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(format_table(rows))
     return 0
 

@@ -256,8 +256,10 @@ def build_archives(options: BenchOptions, store: Path, weights: Path, calibratio
             flags = ["--batch-size", str(options.batch_size), "--workers", str(options.workers)]
             if backend == "int8":
                 flags += ["--calibration-images", str(calibration)]
-            run_command("archive", ["--variant", options.variant, "--weights", str(weights), "--backend", backend,
-                          "--export-path", str(store), *flags])  # fmt: skip
+            built = run_command("archive", ["--variant", options.variant, "--weights", str(weights),
+                                            "--backend", backend, "--export-path", str(store), *flags])  # fmt: skip
+            if built != 0:
+                raise BenchError(f"could not archive the {backend} backend (the archive command's error is above)")
         archives[backend] = mar
     return archives
 

@@ -35,8 +35,10 @@ CALIBRATION_IMAGES = 64
 def build(checkpoint: Path, backend: str, store: Path, calibration: Path) -> Path:
     name = f"{checkpoint.parent.name}_{backend.replace('-', '_')}"
     flags = ["--calibration-images", str(calibration)] if backend == "int8" else []
-    run_command("archive", ["--variant", "s", "--weights", str(checkpoint), "--backend", backend, "--model-name", name,
-                  "--export-path", str(store), *flags])  # fmt: skip
+    built = run_command("archive", ["--variant", "s", "--weights", str(checkpoint), "--backend", backend,
+                                    "--model-name", name, "--export-path", str(store), *flags])  # fmt: skip
+    if built != 0:
+        raise archive.ArchiveError(f"could not archive {name} (the archive command's error is above)")
     return store / f"{name}.mar"
 
 
