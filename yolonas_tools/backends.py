@@ -92,8 +92,9 @@ def calibration_batches(
     return [pipeline(decode_image(p.read_bytes()).pixels)[0][None] for p in paths]
 
 
-def quantize_int8(model: Any, batches: list[np.ndarray]) -> Any:
-    """An INT8 copy of the OpenVINO ``model``, calibrated on ``batches`` (symmetric, per-channel weights)."""
+def quantize_int8(model: Any, batches: list[np.ndarray], left_in_float: str = DECODING_TAIL) -> Any:
+    """An INT8 copy of the OpenVINO ``model``, calibrated on ``batches`` (symmetric, per-channel weights); the ops
+    whose names match the pattern ``left_in_float`` (the box decoding) stay in float."""
     import nncf
 
     nncf.set_log_level(logging.WARNING)  # not one line per op left in float
@@ -102,5 +103,5 @@ def quantize_int8(model: Any, batches: list[np.ndarray]) -> Any:
         nncf.Dataset(batches),
         preset=nncf.QuantizationPreset.PERFORMANCE,
         subset_size=len(batches),
-        ignored_scope=nncf.IgnoredScope(patterns=[DECODING_TAIL]),
+        ignored_scope=nncf.IgnoredScope(patterns=[left_in_float]),
     )

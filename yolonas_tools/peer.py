@@ -13,13 +13,14 @@ backend compared.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from yolonas_tools.backends import quantize_int8
 
 #  In a graph converted from PyTorch, the ops of NDFLHeads.forward itself (softmax over distance bins, anchors) are
 #  named "__module.heads/aten::..."; the head convolutions are "__module.heads.head1...".
@@ -66,18 +67,9 @@ def peer_forward(
         warnings.simplefilter("ignore")  # the tracer's notes on the peer's shape arithmetic
         converted = ov.convert_model(model, example_input=torch.from_numpy(image))
     if precision == "int8":
-        import nncf
-
         if not calibration:
             raise ValueError("the peer's INT8 needs calibration batches")
-        nncf.set_log_level(logging.WARNING)
-        converted = nncf.quantize(
-            converted,
-            nncf.Dataset(calibration),
-            preset=nncf.QuantizationPreset.PERFORMANCE,
-            subset_size=len(calibration),
-            ignored_scope=nncf.IgnoredScope(patterns=[PEER_DECODING_TAIL]),
-        )
+        converted = quantize_int8(converted, calibration, left_in_float=PEER_DECODING_TAIL)
     hint = "f32" if precision == "int8" else precision
     compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": hint})
     request = compiled.create_infer_request()
