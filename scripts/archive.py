@@ -41,7 +41,6 @@ from yolonas_tools.archive import (
     build_archive,
     default_name,
     load_or_make_checkpoint,
-    model_config,
     read_overrides,
     resolve_settings,
 )
@@ -136,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
                     overrides=overrides,
                     version=args.version,
                 )
-                model_config(spec)  # every setting checked before the (slow) conversions
                 path = build_archive(ckpt, spec, args.export_path)
                 print(
                     f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {ckpt.source}; preprocessing from "

@@ -159,7 +159,12 @@ def read_overrides(handler_config: Path | None, assignments: list[str]) -> dict:
 
 
 def build_archive(ckpt: Checkpoint, spec: ArchiveSpec, export_path: Path) -> Path:
-    """Stage the archive's files and run torch-model-archiver; returns the .mar path."""
+    """Stage the archive's files and run torch-model-archiver; returns the .mar path. Every setting and the archiver
+    are checked before the (slow) conversions."""
+    config_text = yaml.safe_dump(model_config(spec), sort_keys=False)
+    archiver = installed_command("torch-model-archiver")
+    if archiver is None:
+        raise ArchiveError("torch-model-archiver is not installed in this environment: pip install -r requirements.txt")
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp)
@@ -171,12 +176,7 @@ def build_archive(ckpt: Checkpoint, spec: ArchiveSpec, export_path: Path) -> Pat
         (extra / INDEX_TO_NAME).write_text(json.dumps(names_to_mapping(spec.names), indent=1))
         serialized = stage_backend_files(ckpt, spec, stage / "backend", extra)
         config = stage / "model-config.yaml"
-        config.write_text(yaml.safe_dump(model_config(spec), sort_keys=False))
-        archiver = installed_command("torch-model-archiver")
-        if archiver is None:
-            raise ArchiveError(
-                "torch-model-archiver is not installed in this environment: pip install -r requirements.txt"
-            )
+        config.write_text(config_text)
         command = [
             archiver, "--model-name", spec.name, "--version", spec.version,
             "--serialized-file", str(serialized), "--handler", str(HANDLER_FILE),
