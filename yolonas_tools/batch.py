@@ -26,6 +26,7 @@ from yolonas_tools.clients import Endpoints, authorized_request, option_headers
 from yolonas_tools.grpc_client import GrpcClient, PredictionError
 from yolonas_tools.images import content_type, is_image
 from yolonas_tools.keys import KeyFileError, key_refused
+from yolonas_tools.paths import write_json_atomically
 
 #  gRPC codes TorchServe uses for a busy or restarting backend (507 and 503 map to the first two).
 TRANSIENT_GRPC_CODES = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED"})
@@ -229,12 +230,6 @@ def output_paths(out: Path) -> dict[str, Path]:
     return {"results": out, **{kind: out.with_name(f"{stem}.{name}") for kind, name in names.items()}}
 
 
-def _write_json(path: Path, data: Any, indent: int | None = 1) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=indent, separators=None if indent else (",", ":")))
-    os.replace(temporary, path)  # readers never see half a file
-
-
 def write_outputs(
     paths: dict[str, Path], files: list[str], outcomes: dict[str, Outcome], not_sent: str
 ) -> tuple[int, int, int]:
@@ -256,11 +251,11 @@ def write_outputs(
             categories[d["class_id"]] = d["class_name"]
             results.append({"image_id": ids[name], "file_name": name, "category_id": d["class_id"],
                             "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)], "score": d["score"]})  # fmt: skip
-    _write_json(paths["results"], results, indent=None)  # can be large: compact
-    _write_json(
+    write_json_atomically(paths["results"], results, indent=None)  # can be large: compact
+    write_json_atomically(
         paths["images"], {"images": images, "categories": [{"id": k, "name": v} for k, v in sorted(categories.items())]}
     )
-    _write_json(paths["failures"], failures)
+    write_json_atomically(paths["failures"], failures)
     return len(images), len(failures), len(results)
 
 
@@ -330,5 +325,5 @@ def run(
         "images_per_s": round(len(pending) / elapsed, 3) if elapsed > 0 else None,
         "files": {kind: str(path) for kind, path in paths.items()},
     }
-    _write_json(paths["summary"], summary)
+    write_json_atomically(paths["summary"], summary)
     return summary

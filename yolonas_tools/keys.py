@@ -16,7 +16,7 @@ from pathlib import Path
 
 import requests
 
-from yolonas_tools.paths import SCRIPTS_DIR
+from yolonas_tools.paths import SCRIPTS_DIR, write_json_atomically
 
 
 class KeyFileError(Exception):
@@ -120,12 +120,6 @@ def check_once(key_file: Path, management: str, margin_s: float) -> dict[str, fl
     return {kind: seconds_left(keys[kind]) for kind in KINDS}
 
 
-def write_state(path: Path, state: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(state))
-    os.replace(temporary, path)
-
-
 def process_alive(pid: int) -> bool:
     """Whether a process with this pid exists (one owned by another user counts)."""
     try:
@@ -156,7 +150,7 @@ def renew_forever(key_file: Path, management: str, margin_s: float, server_pid: 
         except Exception as exc:  # noqa: BLE001 (any failure: log it, keep going)
             state["error"] = f"{type(exc).__name__}: {exc}"
             log.error("could not check or renew the keys: %s; next try in %.0f s", state["error"], interval)
-        write_state(state_file, state)
+        write_json_atomically(state_file, state, indent=None)
         time.sleep(interval)
     log.info("the server (pid %s) is gone: the key renewer stops", server_pid)
     return 0

@@ -3,10 +3,12 @@ folder, the commands), the console scripts installed beside this interpreter, an
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 HANDLER_DIR = REPO / "handler"
@@ -33,3 +35,10 @@ def read_properties(path: Path) -> dict[str, str]:
             key, value = line.split("=", 1)
             props[key.strip()] = value.strip()
     return props
+
+
+def write_json_atomically(path: Path, data: Any, indent: int | None = 1) -> None:
+    """Write ``data`` as JSON (compact without ``indent``) so that readers never see half a file."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=indent, separators=None if indent else (",", ":")))
+    os.replace(temporary, path)
