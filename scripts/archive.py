@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from yolonas import VARIANTS
+from yolonas_serving.pipeline import PADDING_MODES
 from yolonas_serving.runtime import BACKENDS
 from yolonas_tools.archive import (
     DEFAULT_BATCH_SIZE,
@@ -60,7 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-classes", type=int, default=80, help="with --random-weights")
     parser.add_argument("--names", type=Path, help="class names: JSON list, index_to_name mapping or one per line")
     parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="network input (multiples of 32)")
-    parser.add_argument("--padding", choices=["center", "bottom-right"])
+    parser.add_argument(
+        "--padding",
+        choices=PADDING_MODES,
+        help="where the image sits in the network input; minimal: pad only to the next multiple of 32, so a 16:9 "
+        "picture runs at 640x384 (about 40%% less work; outputs differ slightly from super-gradients' square input)",
+    )
     parser.add_argument("--conf", type=float)
     parser.add_argument("--iou", type=float)
     parser.add_argument("--backend", default="torch", choices=BACKENDS, help="inference backend (see README)")

@@ -157,6 +157,38 @@ def test_input_size_and_padding_overrides_keep_the_margin():
         COCO_PIPELINE.with_padding("left")
 
 
+def test_minimal_padding_is_the_fixed_input_without_the_padding_rows():
+    """A 16:9 picture under COCO's pipeline: 640x384 instead of 640x640, the same pixels where the picture is, and
+    boxes map back to the same original coordinates."""
+    picture = image(720, 1280)
+    minimal = COCO_PIPELINE.with_padding("minimal")
+    assert minimal.input_size is None
+    assert Pipeline.from_spec(minimal.to_spec()) == minimal
+    small, small_transform = minimal(picture)
+    square, square_transform = COCO_PIPELINE(picture)
+    assert small.shape == (3, 384, 640) and square.shape == (3, 640, 640)
+    # 1280x720 scaled by 636/1280 is 636x358: 2 px left and right, 13 above and 13 below (141 in the square input).
+    assert (small_transform.pad_x, small_transform.pad_y) == (2, 13) and square_transform.pad_y == 141
+    np.testing.assert_array_equal(small[:, 13 : 13 + 358], square[:, 141 : 141 + 358])
+    assert (small[:, :13] == np.float32(114 / 255)).all() and (small[:, 13 + 358 :] == np.float32(114 / 255)).all()
+    box = np.array([[10, 20, 300, 200]], dtype=np.float32)
+    shifted = box + np.array([0, 141 - 13, 0, 141 - 13], dtype=np.float32)
+    np.testing.assert_allclose(small_transform.to_original(box), square_transform.to_original(shifted), rtol=1e-6)
+    portrait, _ = minimal(image(1280, 720))
+    assert portrait.shape == (3, 640, 384)
+
+
+def test_minimal_padding_keeps_a_bottom_right_image_at_the_top_left():
+    minimal = Pipeline.from_processing_params(SHAPES_PARAMS).with_padding("minimal")
+    tensor, transform = minimal(image(160, 320))
+    assert tensor.shape == (3, 160, 320) and (transform.pad_x, transform.pad_y) == (0, 0)
+    tensor, transform = minimal(image(150, 320))
+    assert tensor.shape == (3, 160, 320) and (transform.pad_x, transform.pad_y) == (0, 0)
+    assert [s.name for s in minimal.steps][:2] == ["DetectionLongestMaxSizeRescale", "DetectionAutoPadding"]
+    with pytest.raises(PipelineError, match="no fixed-size padding"):
+        minimal.with_padding("minimal")
+
+
 def test_box_transform_is_identity_without_geometry():
     transform = BoxTransform(original_size=(10, 10))
     boxes = np.array([[1, 2, 3, 4]], dtype=np.float32)

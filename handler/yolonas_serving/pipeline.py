@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 STRIDE = 32
+PADDING_MODES = ("center", "bottom-right", "minimal")
 
 
 class PipelineError(ValueError):
@@ -190,6 +191,29 @@ class DetectionAutoPadding(Step):
 
 
 @dataclass(frozen=True)
+class DetectionCenterAutoPadding(Step):
+    """Ours, not super-gradients': pad around the image up to the next multiple of ``shape_multiple`` (the odd
+    pixel bottom/right). With a rescale before it, a 16:9 picture becomes a 640x384 input instead of 640x640, and
+    the network skips the work on padding (``--padding minimal``)."""
+
+    shape_multiple: tuple[int, int] = (STRIDE, STRIDE)
+    pad_value: float | tuple[float, ...] = 114.0
+    name: ClassVar[str] = "DetectionCenterAutoPadding"
+
+    def apply(self, image: np.ndarray, transform: BoxTransform) -> tuple[np.ndarray, BoxTransform]:
+        mult_h, mult_w = self.shape_multiple
+        height, width = image.shape[:2]
+        pad_h = -height % mult_h
+        pad_w = -width % mult_w
+        top, left = pad_h // 2, pad_w // 2
+        image = _pad(image, top, pad_h - top, left, pad_w - left, self.pad_value)
+        return image, transform.padded(left, top)
+
+    def spec(self) -> dict[str, Any]:
+        return {self.name: {"shape_multiple": list(self.shape_multiple), "pad_value": _spec_value(self.pad_value)}}
+
+
+@dataclass(frozen=True)
 class StandardizeImage(Step):
     max_value: float = 255.0
     name: ClassVar[str] = "StandardizeImage"
@@ -243,6 +267,7 @@ STEPS: dict[str, type[Step]] = {
         DetectionCenterPadding,
         DetectionBottomRightPadding,
         DetectionAutoPadding,
+        DetectionCenterAutoPadding,
         StandardizeImage,
         NormalizeImage,
         ImagePermute,
@@ -250,6 +275,12 @@ STEPS: dict[str, type[Step]] = {
 }
 RESCALE_STEPS = (DetectionLongestMaxSizeRescale, DetectionRescale)
 FIXED_PADDING_STEPS = (DetectionCenterPadding, DetectionBottomRightPadding)
+AUTO_PADDING_STEPS = (DetectionAutoPadding, DetectionCenterAutoPadding)
+#  --padding minimal: each fixed padding becomes the automatic one that puts the image in the same place.
+MINIMAL_PADDING = {
+    DetectionCenterPadding: DetectionCenterAutoPadding,
+    DetectionBottomRightPadding: DetectionAutoPadding,
+}
 
 
 def _build_step(entry: Any) -> Step:
@@ -293,7 +324,7 @@ class Pipeline:
             raise PipelineError(
                 f"the network input {fixed[1]}x{fixed[0]} must have sides that are multiples of {STRIDE}"
             )
-        if fixed is None and not any(isinstance(s, DetectionAutoPadding) for s in self.steps):
+        if fixed is None and not any(isinstance(s, AUTO_PADDING_STEPS) for s in self.steps):
             raise PipelineError("the pipeline must pad to a fixed size or add DetectionAutoPadding (multiples of 32)")
         for i, step in enumerate(self.steps):
             if isinstance(step, FIXED_PADDING_STEPS):
@@ -332,7 +363,7 @@ class Pipeline:
         for step in self.steps:
             if isinstance(step, FIXED_PADDING_STEPS) or isinstance(step, DetectionRescale):
                 size = step.output_shape
-            elif isinstance(step, DetectionAutoPadding):
+            elif isinstance(step, AUTO_PADDING_STEPS):
                 size = None
         return size
 
@@ -360,18 +391,23 @@ class Pipeline:
         return Pipeline(tuple(steps))
 
     def with_padding(self, mode: str) -> Pipeline:
-        """Swap the fixed padding for ``center`` or ``bottom-right`` padding."""
-        kinds = {"center": DetectionCenterPadding, "bottom-right": DetectionBottomRightPadding}
-        if mode not in kinds:
-            raise PipelineError(f"padding must be one of {sorted(kinds)}; got {mode!r}")
+        """Swap the fixed padding for ``center`` or ``bottom-right`` padding, or for ``minimal`` padding: the image
+        stays where the fixed padding puts it, padded only up to the next multiple of 32 (the input follows the
+        image's aspect ratio)."""
+        if mode not in PADDING_MODES:
+            raise PipelineError(f"padding must be one of {list(PADDING_MODES)}; got {mode!r}")
         if not any(isinstance(s, FIXED_PADDING_STEPS) for s in self.steps):
             raise PipelineError("this pipeline has no fixed-size padding to change")
-        return Pipeline(
-            tuple(
-                kinds[mode](s.output_shape, s.pad_value) if isinstance(s, FIXED_PADDING_STEPS) else s
-                for s in self.steps
-            )
-        )
+
+        def swapped(step: Step) -> Step:
+            if not isinstance(step, FIXED_PADDING_STEPS):
+                return step
+            if mode == "minimal":
+                return MINIMAL_PADDING[type(step)](pad_value=step.pad_value)
+            fixed = {"center": DetectionCenterPadding, "bottom-right": DetectionBottomRightPadding}[mode]
+            return fixed(step.output_shape, step.pad_value)
+
+        return Pipeline(tuple(swapped(s) for s in self.steps))
 
     @property
     def shrinks_to(self) -> int | None:
