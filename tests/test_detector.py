@@ -113,6 +113,23 @@ def test_warm_up_runs_the_requested_batch_sizes(random_checkpoint):
     assert seen == [1, 4]
 
 
+def test_warm_up_covers_camera_shapes_where_the_runtime_compiles_per_size(random_checkpoint):
+    """Under minimal padding the input follows the picture; a runtime that compiles per input size (OpenVINO on
+    such an IR) is warmed on 16:9 and 4:3 either way up and square, so camera pictures never wait for a compile."""
+    runtime = TorchRuntime(load_model(random_checkpoint("s")))
+    seen = []
+
+    class PerSizeRuntime:
+        compiles_per_size = True
+
+        def __call__(self, batch):
+            seen.append(batch.shape[2:])
+            return runtime(batch)
+
+    Detector(PerSizeRuntime(), COCO_PIPELINE.with_padding("minimal"), default_names(80), "s").warm_up((1,))
+    assert sorted(seen) == [(384, 640), (480, 640), (640, 384), (640, 480), (640, 640)]
+
+
 def test_each_image_starts_on_the_runtime_before_the_next_is_decoded(random_checkpoint):
     """The runtime gets each image as soon as it is decoded (OpenVINO's streams compute it while the next one is
     decoded), and every row still gets its own answer."""

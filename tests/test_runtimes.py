@@ -182,8 +182,8 @@ def test_onnx_runtime_any_batch_and_size(model, dynamic_onnx):
 def test_openvino_fp32_any_batch(model, openvino_ir):
     runtime = build_runtime("openvino", openvino_ir, "s", 80, threads=1)
     assert isinstance(runtime, rt.OpenVINORuntime) and not runtime.uses_torch_threads
-    assert runtime.compiled.get_property("INFERENCE_NUM_THREADS") == 1
-    assert str(runtime.compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'float32'>"
+    assert runtime.default.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert str(runtime.default.compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'float32'>"
     first = None
     for n in (1, 3, 2):
         x = batch(n, seed=n)
@@ -197,14 +197,14 @@ def test_openvino_streams_answer_each_image_in_its_slot(model, openvino_ir):
     """With two threads a batch runs as concurrent single-image requests on two streams; a lone image runs on the
     latency compilation. Either way every image's outputs are its own."""
     runtime = build_runtime("openvino", openvino_ir, "s", 80, threads=2)
-    assert runtime.compiled.get_property("INFERENCE_NUM_THREADS") == 2
+    assert runtime.default.compiled.get_property("INFERENCE_NUM_THREADS") == 2
     x = batch(5, seed=7)
     got = runtime(x)
     assert_close(got, expected(model, x))
     alone = runtime(x[3:4])
     assert_close(alone, expected(model, x[3:4]))
     assert torch.allclose(got[0][3:4], alone[0], atol=BOX_ATOL)
-    assert build_runtime("openvino", openvino_ir, "s", 80, threads=1).streams is None
+    assert build_runtime("openvino", openvino_ir, "s", 80, threads=1).default.streams is None
 
 
 def test_openvino_streamed_batch_answers_each_slot_whenever_asked(model, openvino_ir):
@@ -229,10 +229,34 @@ def test_openvino_dynamic_size(model, dynamic_onnx):
         assert_close(runtime(x), expected(model, x))
 
 
+def test_openvino_compiles_each_input_size_once(model, dynamic_onnx, openvino_ir, monkeypatch):
+    """An IR whose size follows the image gets a fixed-size compilation per input size it meets, up to
+    MAX_FIXED_SIZES; past that the dynamic compilation answers. A batch mixing sizes runs each image on its own
+    size's streams. An IR of fixed size has its one compilation."""
+    monkeypatch.setattr(rt, "MAX_FIXED_SIZES", 2)
+    runtime = rt.OpenVINORuntime(dynamic_onnx, threads=2, precision="f32")
+    assert runtime.compiles_per_size
+    for n, height, width in ((1, 96, 160), (1, 160, 96), (2, 96, 160), (1, 128, 128)):
+        x = batch(n, height, width, seed=height)
+        assert_close(runtime(x), expected(model, x))
+    assert list(runtime.fixed_sizes) == [(96, 160), (160, 96)]
+    assert runtime.fixed_sizes[96, 160].compiled.input(0).get_partial_shape().to_string() == "[?,3,96,160]"
+    assert runtime.compilation(128, 128) is runtime.default
+    sizes = ((96, 160), (160, 96), (128, 128))
+    images = [batch(1, height, width, seed=i)[0] for i, (height, width) in enumerate(sizes)]
+    with runtime.begin(3) as streamed:
+        slots = [streamed.add(image) for image in images]
+        outputs = [streamed.result(slot) for slot in slots]
+    for image, output in zip(images, outputs):
+        assert_close(output, expected(model, image[None]))
+    fixed = build_runtime("openvino", openvino_ir, "s", 80, threads=1)
+    assert not fixed.compiles_per_size and fixed.compilation(*SIZE) is fixed.default and not fixed.fixed_sizes
+
+
 @pytest.mark.skipif(not rt.cpu_has_bf16(), reason="this CPU has no native bf16")
 def test_openvino_bf16_precision(openvino_ir):
     runtime = build_runtime("openvino-bf16", openvino_ir, "s", 80, threads=1)
-    assert str(runtime.compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'bfloat16'>"
+    assert str(runtime.default.compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'bfloat16'>"
     boxes, scores = runtime(batch(2))
     assert boxes.dtype == torch.float32 and (boxes[..., 2:] >= boxes[..., :2]).all()
 

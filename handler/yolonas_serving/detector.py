@@ -34,6 +34,9 @@ from .postprocess import Detections, NMSOptions, postprocess
 from .runtime import Forward, RuntimeBatch, begin_batch, build_runtime
 from .settings import HandlerSettings
 
+#  (height, width) of the grey pictures :meth:`Detector.warm_up` runs.
+WARM_UP_SHAPES = ((480, 640), (720, 1280), (1280, 720), (640, 480), (640, 640))
+
 
 @dataclass
 class Prepared:
@@ -182,10 +185,14 @@ class Detector:
             return [self._finish(batch, item, timings) for item in items]
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
-        """Run grey images through the chain so the first requests do not pay for lazy initialisation."""
-        tensor, transform = self.pipeline(np.full((480, 640, 3), 114, dtype=np.uint8))
-        for size in batch_sizes:
-            self.detect([Prepared(tensor, transform, self.defaults, "json")] * size)
+        """Run grey images through the chain so the first requests do not pay for lazy initialisation: one 4:3
+        picture, and for a runtime that compiles per input size also the usual camera shapes (16:9 and 4:3, either
+        way up, and square)."""
+        shapes = WARM_UP_SHAPES if getattr(self.runtime, "compiles_per_size", False) else WARM_UP_SHAPES[:1]
+        for height, width in shapes:
+            tensor, transform = self.pipeline(np.full((height, width, 3), 114, dtype=np.uint8))
+            for size in batch_sizes:
+                self.detect([Prepared(tensor, transform, self.defaults, "json")] * size)
 
     def render(
         self, parsed: ParsedRequest, items: list[Prepared | RequestError], results: list[ImageResult]

@@ -25,6 +25,7 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,8 @@ AUTO_OPENVINO_FILE = "openvino.xml"
 Forward = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 #  An image's forward takes milliseconds; this bound only turns a request that never completes into an error.
 STREAM_WAIT_S = 120.0
+#  Input sizes an OpenVINO runtime compiles with fixed height and width (see :class:`OpenVINORuntime`).
+MAX_FIXED_SIZES = 8
 
 
 def cpu_has_bf16() -> bool:
@@ -96,6 +99,7 @@ class TorchRuntime:
 
     #  The forward runs on torch's own threads (each runtime says so; the handler sizes torch's pool by it).
     uses_torch_threads = True
+    compiles_per_size = False  # any input size runs at once (the handler warms up one)
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu", precision: str = "fp32"):
         if precision not in ("fp32", "bf16", "fp16"):
@@ -134,6 +138,7 @@ class OnnxRuntime:
     """ONNX Runtime on an exported model (dynamic batch axis)."""
 
     uses_torch_threads = False  # its own thread pool; torch keeps only the glue ops around it
+    compiles_per_size = False
 
     def __init__(self, path: str | Path, threads: int = 1, device: str = "cpu"):
         import onnxruntime as ort
@@ -155,6 +160,16 @@ class OnnxRuntime:
         return torch.from_numpy(boxes), torch.from_numpy(scores)
 
 
+@dataclass
+class Compilation:
+    """One compiled form of the IR: a latency-tuned request for lone images and, with several threads, the streams
+    that run a batch's images concurrently."""
+
+    compiled: Any
+    request: Any
+    streams: Any | None
+
+
 class OpenVINORuntime:
     """OpenVINO on CPU, one compiled model per role for every batch size (the IR's batch axis is dynamic;
     interleaved measurements showed no gain from per-size static compilations).
@@ -164,6 +179,11 @@ class OpenVINORuntime:
     synchronisation a multi-threaded forward pays per layer and keeps its speed when another process takes a core.
     :meth:`begin` starts each image as soon as it is added, so the caller decodes the next image and post-processes
     finished ones while the streams compute.
+
+    An IR whose height and width follow the image (minimal or automatic padding) is also compiled once per input
+    size it meets, with that size fixed: fixed sizes run faster than the dynamic compilation (INT8 S at 640x384 on
+    2 threads: 13.1 vs 15.3 ms) and compile in about 0.3 s. Past ``MAX_FIXED_SIZES`` sizes the dynamic compilation
+    (``default``) serves the rest, so memory stays bounded whatever clients send.
     """
 
     uses_torch_threads = False  # its own threads; torch keeps only the glue ops around it
@@ -171,40 +191,68 @@ class OpenVINORuntime:
     def __init__(self, path: str | Path, threads: int = 1, precision: str = "f32"):
         import openvino as ov
 
-        core = ov.Core()
-        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        self.core = ov.Core()
+        if precision == "bf16" and "BF16" not in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             logger.warning("this CPU has no bf16: OpenVINO runs in fp32")
             precision = "f32"
         self.precision = precision
-        model = core.read_model(str(path))
+        self.threads = threads
+        self.model = self.core.read_model(str(path))
+        spatial = self.model.input(0).get_partial_shape()[2:]
+        self.compiles_per_size = any(dim.is_dynamic for dim in spatial)
+        self.default = self._compile(self.model)  # the IR as read: its own fixed size, or any size
+        self.fixed_sizes: dict[tuple[int, int], Compilation] = {}
+
+    def _compile(self, model: Any) -> Compilation:
         common = {
-            "INFERENCE_PRECISION_HINT": precision,
+            "INFERENCE_PRECISION_HINT": self.precision,
             # Each worker would pin its threads to the same first cores; the OS spreads workers (and TorchServe's
             # frontend) better.
             "ENABLE_CPU_PINNING": False,
         }
-        latency = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": threads}
-        self.compiled = core.compile_model(model, "CPU", {**common, **latency})
-        self.request = self.compiled.create_infer_request()
-        self.streams = None
-        if threads > 1:
-            throughput = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": threads, "INFERENCE_NUM_THREADS": threads}
-            self.streams = ov.AsyncInferQueue(core.compile_model(model, "CPU", {**common, **throughput}), threads)
+        latency = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": self.threads}
+        compiled = self.core.compile_model(model, "CPU", {**common, **latency})
+        streams = None
+        if self.threads > 1:
+            import openvino as ov
+
+            throughput = {
+                "PERFORMANCE_HINT": "THROUGHPUT",
+                "NUM_STREAMS": self.threads,
+                "INFERENCE_NUM_THREADS": self.threads,
+            }
+            streams = ov.AsyncInferQueue(self.core.compile_model(model, "CPU", {**common, **throughput}), self.threads)
+        return Compilation(compiled, compiled.create_infer_request(), streams)
+
+    def compilation(self, height: int, width: int) -> Compilation:
+        """The compilation for inputs of this size: its own fixed-size one where the IR's size is dynamic."""
+        if not self.compiles_per_size:
+            return self.default
+        found = self.fixed_sizes.get((height, width))
+        if found is None:
+            if len(self.fixed_sizes) >= MAX_FIXED_SIZES:
+                return self.default
+            model = self.model.clone()
+            model.reshape([-1, 3, height, width])
+            found = self.fixed_sizes[height, width] = self._compile(model)
+            logger.info("OpenVINO compiled for %dx%d inputs (%d sizes)", width, height, len(self.fixed_sizes))
+        return found
 
     def begin(self, expected: int) -> RuntimeBatch:
         """A batch of ``expected`` images: on the streams when there are several, else on the latency compilation."""
-        if self.streams is None or expected < 2:
+        if self.threads < 2 or expected < 2:
             return DeferredBatch(self)
-        return StreamedBatch(self.streams)
+        return StreamedBatch(self)
 
     def __call__(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if self.streams is None or len(batch) < 2:
-            self.request.infer({0: batch}, share_inputs=True)
+        request = self.compilation(*batch.shape[2:]).request
+        if self.threads < 2 or len(batch) < 2:
+            request.infer({0: batch}, share_inputs=True)
             # The request reuses its output buffers on the next call: copy them out.
-            boxes, scores = (torch.from_numpy(self.request.get_output_tensor(i).data.copy()) for i in range(2))
+            boxes, scores = (torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(2))
             return boxes, scores
-        with StreamedBatch(self.streams) as streamed:
+        with StreamedBatch(self) as streamed:
             slots = [streamed.add(image) for image in batch]
             outputs = [streamed.result(slot) for slot in slots]
         boxes, scores = (torch.cat(parts) for parts in zip(*outputs))
@@ -249,22 +297,23 @@ class DeferredBatch:
 
 
 class StreamedBatch:
-    """Images started on OpenVINO's streams as they are added; a result waits for its own image only. Use it as a
-    context manager: leaving it waits for every request, so none outlives the batch (the inputs are shared, not
-    copied, and the callback writes into this batch)."""
+    """Images started on OpenVINO's streams as they are added (the streams compiled for each image's size); a result
+    waits for its own image only. Use it as a context manager: leaving it waits for every request, so none outlives
+    the batch (the inputs are shared, not copied, and the callback writes into this batch)."""
 
-    def __init__(self, streams: Any):
-        self.streams = streams
+    def __init__(self, runtime: OpenVINORuntime):
+        self.runtime = runtime
+        self.queues: list[Any] = []  # the streams this batch has started images on
         self.images: list[np.ndarray] = []
         self.outputs: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         self.done: list[threading.Event] = []
-        streams.set_callback(self._collect)
 
     def __enter__(self) -> StreamedBatch:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.streams.wait_all()
+        for queue in self.queues:
+            queue.wait_all()
 
     def _collect(self, request: Any, slot: int) -> None:  # runs on an OpenVINO thread when the request completes
         # The request reuses its output buffers for its next image: copy them out.
@@ -275,11 +324,15 @@ class StreamedBatch:
     def add(self, image: np.ndarray) -> int:
         """Start one [3, h, w] image on the next free stream; returns its slot."""
         image = np.ascontiguousarray(image, dtype=np.float32)[None]
+        queue = self.runtime.compilation(*image.shape[2:]).streams
+        if not any(queue is known for known in self.queues):
+            queue.set_callback(self._collect)
+            self.queues.append(queue)
         slot = len(self.images)
         self.images.append(image)  # kept alive: the request reads it in place
         self.outputs.append(None)
         self.done.append(threading.Event())
-        self.streams.start_async({0: image}, slot, share_inputs=True)
+        queue.start_async({0: image}, slot, share_inputs=True)
         return slot
 
     def result(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
