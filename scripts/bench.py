@@ -20,11 +20,13 @@ Output: progress on stderr; at the end one JSON line per row, then tables. Every
 flags (AMX, AVX-512 BF16 / VNNI): they change every number.
 
 ``--peer`` adds the peer (``peer.py``: modern-yolonas, fused, converted to OpenVINO, one bare ``infer()`` at batch
-1, 640x640) at the precision of each OpenVINO backend compared (``auto`` -> what it resolves to here, bf16 on a CPU
-with native bf16; ``int8`` -> NNCF INT8 calibrated on the same images as ours). Its forward is timed in process
-beside ours and again between the served windows, while the server idles, so both see the same background load;
-the last table gives served images/s at 4 clients over the peer's bare images/s, and the 1-client p50/p95 over the
-peer's bare milliseconds. It installs nothing: modern-yolonas comes from requirements-dev.txt.
+1 of its own input for the picture, letterboxed to 640x640) at the precision of each OpenVINO backend compared
+(``auto`` -> what it resolves to here, bf16 on a CPU with native bf16; ``int8`` -> NNCF INT8 calibrated on the same
+images as ours). Its forward is timed in process beside ours and again between the served windows, while the server
+idles, so both see the same background load; the last table gives served images/s at 4 clients over the peer's bare
+images/s, and the 1-client p50/p95 over the peer's bare milliseconds. Where our input has another size (``--padding
+minimal``: 640x384 for this 16:9 picture), the peer is also timed on our input, forward against forward. It installs
+nothing: modern-yolonas comes from requirements-dev.txt.
 
     python scripts/bench.py --peer --backends auto,int8 --concurrency 1,4     # about 6 minutes on 2 cores
 """
@@ -36,6 +38,7 @@ import sys
 from pathlib import Path
 
 from yolonas import VARIANTS
+from yolonas_serving.pipeline import PADDING_MODES
 from yolonas_tools import archive
 from yolonas_tools.bench import ALL_BACKENDS, BASELINE, CORES, BenchError, BenchOptions, run
 
@@ -57,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=4, help="served: windows the duration is split into")
     parser.add_argument("--skip-server", action="store_true", help="in-process measurements only")
     parser.add_argument("--peer", action="store_true", help="compare with modern-yolonas' bare OpenVINO forward")
+    parser.add_argument(
+        "--padding", choices=PADDING_MODES, help="archives' padding (minimal: the input follows the picture's shape)"
+    )
     args = parser.parse_args(argv)
     args.backends = [BASELINE] + [b for b in args.backends.split(",") if b and b != BASELINE]
     return args

@@ -47,6 +47,10 @@ CORES = available_cores()
 ISA_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f")
 
 
+#  The peer's bare forward on the [1, 3, H, W] input it is given.
+PeerForward = Callable[[np.ndarray], Any]
+
+
 class BenchError(Exception):
     """A benchmark that cannot run as asked (the peer's package missing)."""
 
@@ -70,6 +74,7 @@ class BenchOptions:
     rounds: int
     skip_server: bool
     peer: bool
+    padding: str | None = None
 
 
 def cpu_description() -> str:
@@ -147,19 +152,33 @@ def handler_once(detector: Detector, jpeg: bytes) -> dict[str, float]:
     }
 
 
+def peer_calls(peers: dict[str, PeerForward], peer_tensor: np.ndarray, tensor: np.ndarray) -> dict[str, Callable]:
+    """ "peer <precision>" -> its bare forward on its own input; where our input has another size, also
+    "peer <precision> on ours" -> the same forward on our input (forward against forward)."""
+    calls = {}
+    for precision, forward in peers.items():
+        calls[f"peer {precision}"] = lambda forward=forward: forward(peer_tensor)
+        if peer_tensor.shape[1:] != tensor.shape:
+            calls[f"peer {precision} on ours"] = lambda forward=forward: forward(tensor[None])
+    return calls
+
+
 def in_process(options: BenchOptions, detectors: dict[str, Detector], tensor: np.ndarray, jpeg: bytes,
-               peers: dict[str, Callable[[], Any]], rows: list) -> None:  # fmt: skip
+               peers: dict[str, PeerForward], peer_tensor: np.ndarray, rows: list) -> None:  # fmt: skip
     """Forward at batch 1 (the peers' bare forwards in the same rounds) and 4, then the handler chain, every
     backend in turn."""
     for batch in (1, 4):
         x = np.stack([tensor] * batch)
         calls = {backend: (lambda d=d: d.runtime(x)) for backend, d in detectors.items()}  # noqa: B023
         if batch == 1:
-            calls.update({f"peer {precision}": call for precision, call in peers.items()})
+            calls.update(peer_calls(peers, peer_tensor, tensor))
         for backend, samples in round_robin(calls, options.repeats, options.budget).items():
             ms = statistics.median(t for t, _ in samples)
             if backend.startswith("peer "):
-                emit(rows, {"kind": "peer", "precision": backend[5:], "where": "in process", "ms": ms,
+                precision, _, ours = backend[5:].partition(" on ")
+                shape = tensor.shape if ours else peer_tensor.shape[1:]
+                emit(rows, {"kind": "peer", "precision": precision, "input": list(shape[1:]),
+                            "where": "in process, our input" if ours else "in process", "ms": ms,
                             "images_per_s": 1000 / ms})  # fmt: skip
                 continue
             emit(rows, {"kind": "forward", "backend": backend, "variant": options.variant, "batch": batch,
@@ -199,9 +218,10 @@ def timed_window(call: Callable[[], Any], seconds: float) -> list[float]:
 
 
 def served(options: BenchOptions, store: Path, archives: dict[str, Path], run_dir: Path, jpeg: bytes,
-           peers: dict[str, Callable[[], Any]], rows: list) -> None:  # fmt: skip
+           peers: dict[str, PeerForward], peer_tensor: np.ndarray, rows: list) -> None:  # fmt: skip
     """Every archive registered on one TorchServe; per concurrency level, ``--rounds`` windows per backend in turn,
-    each followed by a window of the matching peer's bare forward (half as long) while the server idles."""
+    each followed by a window of the matching peer's bare forward on its own input (half as long) while the server
+    idles."""
     names = {backend: mar.stem for backend, mar in archives.items()}
     endpoints = server.start(run_dir, store, models=list(names.values()), ports=server.free_ports())
     try:
@@ -215,7 +235,10 @@ def served(options: BenchOptions, store: Path, archives: dict[str, Path], run_di
                     serve(endpoints, name, jpeg, concurrency, options.duration / options.rounds, loads[backend])
                     precision = peer_precision(backend)
                     if precision in peers:
-                        peer_times[precision] += timed_window(peers[precision], options.duration / options.rounds / 2)
+                        peer_times[precision] += timed_window(
+                            lambda: peers[precision](peer_tensor),  # noqa: B023
+                            options.duration / options.rounds / 2,
+                        )
             for backend, load in loads.items():
                 emit(rows, {"kind": "served", "backend": backend, "variant": options.variant,
                             "concurrency": concurrency, "requests": load.served, "p50_ms": load.percentile(50),
@@ -223,7 +246,8 @@ def served(options: BenchOptions, store: Path, archives: dict[str, Path], run_di
                             "images_per_s": load.per_second})  # fmt: skip
         for precision, times in peer_times.items():
             ms = statistics.median(times)
-            emit(rows, {"kind": "peer", "precision": precision, "where": "between served windows", "ms": ms,
+            emit(rows, {"kind": "peer", "precision": precision, "input": list(peer_tensor.shape[2:]),
+                        "where": "between served windows", "ms": ms,
                         "p95_ms": percentile(times, 95), "calls": len(times),
                         "images_per_s": 1000 / ms})  # fmt: skip
     finally:
@@ -254,6 +278,8 @@ def build_archives(options: BenchOptions, store: Path, weights: Path, calibratio
             print(f"reusing {mar}", file=sys.stderr)
         else:
             flags = ["--batch-size", str(options.batch_size), "--workers", str(options.workers)]
+            if options.padding:
+                flags += ["--padding", options.padding]
             if backend == "int8":
                 flags += ["--calibration-images", str(calibration)]
             built = run_command("archive", ["--variant", options.variant, "--weights", str(weights),
@@ -264,8 +290,8 @@ def build_archives(options: BenchOptions, store: Path, weights: Path, calibratio
     return archives
 
 
-def build_peers(options: BenchOptions, weights: Path, calibration: Path, tensor: np.ndarray,
-                pipeline: Pipeline) -> dict[str, Callable[[], Any]]:  # fmt: skip
+def build_peers(options: BenchOptions, weights: Path, calibration: Path, peer_tensor: np.ndarray,
+                pipeline: Pipeline) -> dict[str, PeerForward]:  # fmt: skip
     """precision -> the peer's bare forward, for every precision an OpenVINO backend of this run compares with."""
     if not options.peer:
         return {}
@@ -274,13 +300,13 @@ def build_peers(options: BenchOptions, weights: Path, calibration: Path, tensor:
     precisions = sorted({p for p in map(peer_precision, options.backends) if p})
     batches = calibration_batches(calibration, pipeline) if "int8" in precisions else None
     print(f"building the peer's OpenVINO models: {', '.join(precisions)}", file=sys.stderr, flush=True)
-    return {p: peer.peer_forward(weights, options.variant, 80, p, tensor[None], batches) for p in precisions}
+    return {p: peer.peer_forward(weights, options.variant, 80, p, peer_tensor, batches) for p in precisions}
 
 
 def print_peer_table(rows: list[dict[str, Any]]) -> None:
     """Ours against the peer's bare forward of the same precision (timed between the served windows)."""
     peers = {r["precision"]: r for r in rows if r["kind"] == "peer" and r["where"] == "between served windows"}
-    peers = peers or {r["precision"]: r for r in rows if r["kind"] == "peer"}
+    peers = peers or {r["precision"]: r for r in rows if r["kind"] == "peer" and r["where"] == "in process"}
     print(f"\n{'vs peer':<14} {'peer':>5} {'peer ms':>8} {'peer/s':>7} {'ours b1/s':>9} {'chain/s':>8} {'served/s':>9} "
           f"{'ratio':>6} {'p50 1c':>7} {'p95 1c':>7} {'p50/peer':>8} {'p95/peer':>8}")  # fmt: skip
     forward = {r["backend"]: r for r in rows if r["kind"] == "forward" and r["batch"] == 1}
@@ -302,6 +328,10 @@ def print_peer_table(rows: list[dict[str, Any]]) -> None:
             line += f"{one['p50_ms']:>7.1f} {one['p95_ms']:>7.1f} {one['p50_ms'] / bare['ms']:>8.2f} "
             line += f"{one['p95_ms'] / bare['ms']:>8.2f}"
         print(line)
+    for r in (r for r in rows if r["kind"] == "peer" and r["where"] == "in process, our input"):
+        ours = ", ".join(f"{b} {forward[b]['ms']:.1f} ms" for b in forward if peer_precision(b) == r["precision"])
+        print(f"peer {r['precision']} on our {r['input'][1]}x{r['input'][0]} input: {r['ms']:.1f} ms in process "
+              f"(ours at batch 1: {ours})")  # fmt: skip
     print("goal: ratio (served img/s at 4 clients over the peer's bare img/s) >= 1.0; p50/peer at 1 client <= 1.3")
 
 
@@ -357,11 +387,12 @@ def run(options: BenchOptions) -> None:
         detectors = {backend: archive.open_archive(mar, tmp / mar.stem) for backend, mar in archives.items()}
         first = next(iter(detectors.values()))
         tensor = first.prepare(ImageRequest(jpeg)).tensor
-        peers = build_peers(options, weights, calibration, tensor, first.pipeline)
-        in_process(options, detectors, tensor, jpeg, peers, rows)
+        peer_tensor = peer.peer_input(jpeg) if options.peer else tensor[None]
+        peers = build_peers(options, weights, calibration, peer_tensor, first.pipeline)
+        in_process(options, detectors, tensor, jpeg, peers, peer_tensor, rows)
         del detectors, first
         if not options.skip_server:
-            served(options, store, archives, tmp / "run", jpeg, peers, rows)
+            served(options, store, archives, tmp / "run", jpeg, peers, peer_tensor, rows)
     baseline = add_ratios(rows)
     for row in rows:
         print(json.dumps(row))

@@ -1,5 +1,6 @@
 """The peer that scripts/bench.py --peer measures us against: modern-yolonas (PyPI), its fused model converted to
-OpenVINO and timed bare, one synchronous ``infer()`` of one 640x640 image, nothing around it.
+OpenVINO and timed bare, one synchronous ``infer()`` of one image, nothing around it: its own input for the
+picture (``peer_input``: modern-yolonas letterboxes every picture to 640x640).
 
 The peer's network gets our seeded weights: modern-yolonas keeps super-gradients' module names, so a
 super-gradients state dict loads into it key for key (strictly; the outputs equal ours before fusion). Timing does
@@ -50,22 +51,34 @@ def peer_model(weights: Path, variant: str, num_classes: int) -> torch.nn.Module
     return model
 
 
+def peer_input(jpeg: bytes) -> np.ndarray:
+    """The peer's own network input for a picture ([1, 3, 640, 640] float32): decoded by OpenCV and letterboxed by
+    modern-yolonas' ``preprocess``, as its detector does."""
+    import cv2
+    from modern_yolonas.inference.preprocess import preprocess
+
+    bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    tensor, _, _ = preprocess(bgr)
+    return tensor.numpy()
+
+
 def peer_forward(
     weights: Path,
     variant: str,
     num_classes: int,
     precision: str,
-    image: np.ndarray,
+    example: np.ndarray,
     calibration: list[np.ndarray] | None = None,
-) -> Callable[[], None]:
-    """A call that runs the peer's bare forward on ``image`` ([1, 3, H, W] float32) once; ``precision`` is f32,
-    bf16 or int8."""
+) -> Callable[[np.ndarray], None]:
+    """A call that runs the peer's bare forward once on the [1, 3, H, W] float32 input it is given; ``precision``
+    is f32, bf16 or int8. Converted from PyTorch with ``example`` as its export does, the model keeps dynamic
+    height and width (as the peer ships it), so any input size runs on the one compilation."""
     import openvino as ov
 
     model = peer_model(weights, variant, num_classes)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on the peer's shape arithmetic
-        converted = ov.convert_model(model, example_input=torch.from_numpy(image))
+        converted = ov.convert_model(model, example_input=torch.from_numpy(example))
     if precision == "int8":
         if not calibration:
             raise ValueError("the peer's INT8 needs calibration batches")
@@ -73,4 +86,4 @@ def peer_forward(
     hint = "f32" if precision == "int8" else precision
     compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": hint})
     request = compiled.create_infer_request()
-    return lambda: request.infer({0: image})
+    return lambda image: request.infer({0: image})
