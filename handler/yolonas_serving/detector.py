@@ -35,7 +35,7 @@ from .runtime import Forward, RuntimeBatch, begin_batch, build_runtime
 from .settings import HandlerSettings
 
 #  (height, width) of the grey pictures :meth:`Detector.warm_up` runs.
-WARM_UP_SHAPES = ((480, 640), (720, 1280), (1280, 720), (640, 480), (640, 640))
+WARM_UP_SHAPES = ((480, 640), (720, 1280), (640, 640))
 
 
 @dataclass
@@ -186,8 +186,8 @@ class Detector:
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Run grey images through the chain so the first requests do not pay for lazy initialisation: one 4:3
-        picture, and for a runtime that compiles per input size also the usual camera shapes (16:9 and 4:3, either
-        way up, and square)."""
+        picture, and for a runtime that compiles per input size also a 16:9 one and a square one (each size it
+        compiles costs memory, so other shapes compile when first seen)."""
         shapes = WARM_UP_SHAPES if getattr(self.runtime, "compiles_per_size", False) else WARM_UP_SHAPES[:1]
         for height, width in shapes:
             tensor, transform = self.pipeline(np.full((height, width, 3), 114, dtype=np.uint8))
