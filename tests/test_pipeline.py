@@ -176,6 +176,10 @@ def test_minimal_padding_is_the_fixed_input_without_the_padding_rows():
     np.testing.assert_allclose(small_transform.to_original(box), square_transform.to_original(shifted), rtol=1e-6)
     portrait, _ = minimal(image(1280, 720))
     assert portrait.shape == (3, 640, 384)
+    # 640x480 scaled to 636x477: 3 rows of padding, the odd one at the bottom, as in the fixed centre padding.
+    four_three, transform = minimal(image(480, 640))
+    assert four_three.shape == (3, 480, 640) and (transform.pad_x, transform.pad_y) == (2, 1)
+    assert (four_three[:, 0] == np.float32(114 / 255)).all() and (four_three[:, 478:] == np.float32(114 / 255)).all()
 
 
 def test_minimal_padding_keeps_a_bottom_right_image_at_the_top_left():

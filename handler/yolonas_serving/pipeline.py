@@ -325,7 +325,10 @@ class Pipeline:
                 f"the network input {fixed[1]}x{fixed[0]} must have sides that are multiples of {STRIDE}"
             )
         if fixed is None and not any(isinstance(s, AUTO_PADDING_STEPS) for s in self.steps):
-            raise PipelineError("the pipeline must pad to a fixed size or add DetectionAutoPadding (multiples of 32)")
+            raise PipelineError(
+                "the pipeline must pad to a fixed size or add DetectionAutoPadding or DetectionCenterAutoPadding "
+                "(multiples of 32)"
+            )
         for i, step in enumerate(self.steps):
             if isinstance(step, FIXED_PADDING_STEPS):
                 before = [s for s in self.steps[:i] if isinstance(s, RESCALE_STEPS)]
