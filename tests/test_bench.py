@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from yolonas_tools.cli import run_command
 
@@ -15,7 +16,7 @@ pytest.importorskip("modern_yolonas", reason="the peer comes with the dev extra 
 
 def test_bench_peer_times_the_peer_on_its_input_and_on_ours(tmp_path, capsys):
     argv = ["--peer", "--backends", "openvino", "--padding", "minimal", "--skip-server", "--repeats", "3",
-            "--budget", "1", "--store", str(tmp_path)]  # fmt: skip
+            "--budget", "1", "--threads", str(torch.get_num_threads()), "--store", str(tmp_path)]  # fmt: skip
     assert run_command("bench", argv) == 0
     out = capsys.readouterr().out
     assert "# CPU: " in out and " lacks " in out

@@ -30,7 +30,7 @@ from yolonas import save_random_checkpoint
 from yolonas_serving.detector import Detector, Timings
 from yolonas_serving.draw import encode_jpeg
 from yolonas_serving.envelope import ImageRequest, ParsedRequest
-from yolonas_serving.pipeline import Pipeline
+from yolonas_serving.pipeline import COCO_PIPELINE
 from yolonas_serving.runtime import cpu_has_bf16
 from yolonas_serving.settings import available_cores
 from yolonas_tools import archive, peer, server
@@ -290,15 +290,14 @@ def build_archives(options: BenchOptions, store: Path, weights: Path, calibratio
     return archives
 
 
-def build_peers(options: BenchOptions, weights: Path, calibration: Path, peer_tensor: np.ndarray,
-                pipeline: Pipeline) -> dict[str, PeerForward]:  # fmt: skip
-    """precision -> the peer's bare forward, for every precision an OpenVINO backend of this run compares with."""
+def build_peers(options: BenchOptions, weights: Path, calibration: Path,
+                peer_tensor: np.ndarray) -> dict[str, PeerForward]:  # fmt: skip
+    """precision -> the peer's bare forward, for every precision an OpenVINO backend of this run compares with. Its
+    INT8 is calibrated on its own kind of input (super-gradients' COCO letterbox, which its preprocess repeats)."""
     if not options.peer:
         return {}
-    if not peer.available():
-        raise BenchError("--peer needs modern-yolonas (the dev extra): pip install -e '.[dev]'")
     precisions = sorted({p for p in map(peer_precision, options.backends) if p})
-    batches = calibration_batches(calibration, pipeline) if "int8" in precisions else None
+    batches = calibration_batches(calibration, COCO_PIPELINE) if "int8" in precisions else None
     print(f"building the peer's OpenVINO models: {', '.join(precisions)}", file=sys.stderr, flush=True)
     return {p: peer.peer_forward(weights, options.variant, 80, p, peer_tensor, batches) for p in precisions}
 
@@ -364,6 +363,8 @@ def print_tables(rows: list[dict[str, Any]], baseline: float) -> None:
 def run(options: BenchOptions) -> None:
     """Measure every backend of ``options`` and print the header, the JSON rows and the tables (progress on
     stderr)."""
+    if options.peer and not peer.available():
+        raise BenchError("--peer needs modern-yolonas (the dev extra): pip install -e '.[dev]'")
     torch.set_num_threads(options.threads)
     jpeg = test_jpeg()
     rows: list[dict[str, Any]] = []
@@ -388,7 +389,7 @@ def run(options: BenchOptions) -> None:
         first = next(iter(detectors.values()))
         tensor = first.prepare(ImageRequest(jpeg)).tensor
         peer_tensor = peer.peer_input(jpeg) if options.peer else tensor[None]
-        peers = build_peers(options, weights, calibration, peer_tensor, first.pipeline)
+        peers = build_peers(options, weights, calibration, peer_tensor)
         in_process(options, detectors, tensor, jpeg, peers, peer_tensor, rows)
         del detectors, first
         if not options.skip_server:

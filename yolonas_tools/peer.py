@@ -17,6 +17,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,7 +73,8 @@ def peer_forward(
 ) -> Callable[[np.ndarray], None]:
     """A call that runs the peer's bare forward once on the [1, 3, H, W] float32 input it is given; ``precision``
     is f32, bf16 or int8. Converted from PyTorch with ``example`` as its export does, the model keeps dynamic
-    height and width (as the peer ships it), so any input size runs on the one compilation."""
+    height and width (as the peer ships it), so any input size runs on the one compilation; each size gets its own
+    infer request, so timing one size between calls of another does not charge it for the change of shape."""
     import openvino as ov
 
     model = peer_model(weights, variant, num_classes)
@@ -85,5 +87,10 @@ def peer_forward(
         converted = quantize_int8(converted, calibration, left_in_float=PEER_DECODING_TAIL)
     hint = "f32" if precision == "int8" else precision
     compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": hint})
-    request = compiled.create_infer_request()
-    return lambda image: request.infer({0: image})
+    requests: dict[tuple[int, ...], Any] = {}
+
+    def forward(image: np.ndarray) -> None:
+        request = requests.get(image.shape) or requests.setdefault(image.shape, compiled.create_infer_request())
+        request.infer({0: image})
+
+    return forward
