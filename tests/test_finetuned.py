@@ -185,3 +185,17 @@ def test_unknown_step_fails_at_archive_time(tmp_path, model, capsys):
     assert run_command("archive", ["--variant", "s", "--weights", path, "--export-path", str(tmp_path)]) == 1
     assert "unknown preprocessing step 'DetectionRandomAffine'" in capsys.readouterr().err
     assert not (tmp_path / "yolo_nas_s.mar").exists()
+
+
+@pytest.mark.parametrize("variant, file, message", [
+    ("m", "checkpoint", "expected YOLO-NAS M weights; found S"),
+    ("s", "not_a_checkpoint", "not_a_checkpoint"),
+])  # fmt: skip
+def test_a_wrong_checkpoint_fails_with_its_reason(tmp_path, model, capsys, variant, file, message):
+    """The wrong variant, or a file that is no checkpoint, ends in one error line (exit 1), not a traceback."""
+    path = trainer_checkpoint(tmp_path / "checkpoint.pth", model, processing_params(PIPELINES["center_416"]))
+    (tmp_path / "not_a_checkpoint").write_text("hello")
+    weights = str(path if file == "checkpoint" else tmp_path / file)
+    assert run_command("archive", ["--variant", variant, "--weights", weights, "--export-path", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err

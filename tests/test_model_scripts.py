@@ -253,14 +253,14 @@ def test_validation_rejects_the_wrong_model(tmp_path, monkeypatch, file_server, 
         for name in ("yolo_nas_m_coco.pth", "yolo_nas_m.pt"):
             (folder / name).write_bytes(random_checkpoint("s").read_bytes())
     else:
-        args, message = ["--variant", "s"], "expected 80 (COCO) classes; found 3"
+        args, message = ["--variant", "s"], "expected 80 classes; found 3"
         for name in ("yolo_nas_s_coco.pth", "yolo_nas_s.pt"):
             _three_class(random_checkpoint("s"), folder / name)
     monkeypatch.setattr(weights, "SOURCES", sources(url, url))
     out = tmp_path / "weights"
     assert run_command("get_weights", [*args, "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert err.count(f"the file is not the expected model, discarded: {message}") == 2
+    assert err.count("the file is not the expected model, discarded: ") == err.count(message) == 2
     assert not list(out.iterdir())  # neither the .part nor a renamed file stays
 
 

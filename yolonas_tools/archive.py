@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from yolonas import read_checkpoint, save_random_checkpoint
+from yolonas import CheckpointError, read_checkpoint, save_random_checkpoint
 from yolonas.checkpoint import Checkpoint
 from yolonas_serving.classes import INDEX_TO_NAME, names_to_mapping, read_names_file
 from yolonas_serving.detector import Detector
@@ -226,10 +226,10 @@ def load_or_make_checkpoint(
 ) -> Checkpoint:
     """The checkpoint at ``weights``, which must hold ``variant``; else seeded random weights (with a warning)."""
     if weights:
-        ckpt = read_checkpoint(weights)
-        if ckpt.variant != variant:
-            raise ArchiveError(f"{weights} holds YOLO-NAS {ckpt.variant.upper()} weights, not {variant.upper()}")
-        return ckpt
+        try:
+            return read_checkpoint(weights, variant)
+        except CheckpointError as exc:
+            raise ArchiveError(str(exc)) from None
     path = save_random_checkpoint(tmp / f"random_{variant}.pth", variant, num_classes, random_seed)
     print(
         f"WARNING: {variant.upper()} uses seeded random weights (seed {random_seed}): its detections are meaningless",

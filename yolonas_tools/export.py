@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from yolonas import read_checkpoint
+from yolonas import CheckpointError, read_checkpoint
 from yolonas.checkpoint import model_from_state_dict
 from yolonas.export import DetectorWithNMS, ExportNMS, export_onnx
 from yolonas_serving.pipeline import Pipeline
@@ -79,9 +79,10 @@ def export_checked(
     opset: int,
 ) -> list[str]:
     """Write ``out`` from the checkpoint ``weights`` (of ``variant``), checked; the lines that say what was done."""
-    ckpt = read_checkpoint(weights)
-    if ckpt.variant != variant:
-        raise ExportError(f"{weights} holds YOLO-NAS {ckpt.variant.upper()} weights, not {variant.upper()}")
+    try:
+        ckpt = read_checkpoint(weights, variant)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
     settings, _ = settings_from_checkpoint(ckpt.num_classes, ckpt.variant, ckpt.processing_params, conf=conf, iou=iou)
     input_size = input_size or Pipeline.from_spec(settings.pipeline).input_size
     nms = ExportNMS(settings.conf, settings.iou, max_det) if with_nms else None

@@ -73,12 +73,7 @@ def describe_request_error(exc: requests.RequestException) -> str:
 
 def validate(path: Path, variant: str) -> str:
     """Raise CheckpointError unless ``path`` holds YOLO-NAS ``variant`` with the 80 COCO classes; return its layout."""
-    ckpt = read_checkpoint(path)
-    if ckpt.variant != variant:
-        raise CheckpointError(f"expected YOLO-NAS {variant.upper()} weights; found {ckpt.variant.upper()}")
-    if ckpt.num_classes != COCO_CLASSES:
-        raise CheckpointError(f"expected {COCO_CLASSES} (COCO) classes; found {ckpt.num_classes}")
-    return ckpt.source
+    return read_checkpoint(path, variant, COCO_CLASSES).source
 
 
 def sha256(path: Path) -> str:

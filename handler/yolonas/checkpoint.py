@@ -160,22 +160,30 @@ class Checkpoint:
     source: str = ""
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read weights, architecture and (for Trainer checkpoints) ``processing_params`` from ``path``."""
+def read_checkpoint(path: str | Path, variant: str | None = None, num_classes: int | None = None) -> Checkpoint:
+    """Read weights, architecture and (for Trainer checkpoints) ``processing_params`` from ``path``.
+
+    The architecture is read from the tensors; ``variant`` (``s`` or ``yolo_nas_s``) and ``num_classes``, when
+    given, must agree with it.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     root, how = _load_file(path)
     state_dict, layout = _find_state_dict(root)
     state_dict = _strip_prefix(state_dict)
-    variant, num_classes = infer_architecture(state_dict)
+    found_variant, found_classes = infer_architecture(state_dict)
+    if variant is not None and variant.lower().removeprefix("yolo_nas_") != found_variant:
+        raise CheckpointError(f"{path}: expected YOLO-NAS {variant.upper()} weights; found {found_variant.upper()}")
+    if num_classes is not None and num_classes != found_classes:
+        raise CheckpointError(f"{path}: expected {num_classes} classes; found {found_classes}")
     params = root.get("processing_params") if isinstance(root, dict) else None
     if params is None and is_pickled_module(root):
         params = _pickled_model_params(root.state)
     return Checkpoint(
         state_dict=state_dict,
-        variant=variant,
-        num_classes=num_classes,
+        variant=found_variant,
+        num_classes=found_classes,
         processing_params=_plain(params) if isinstance(params, dict) else None,
         source=f"{layout}, read {how}",
     )
@@ -192,11 +200,7 @@ def load_model(
 
     ``variant`` and ``num_classes`` are read from the tensors; when given they must agree with them.
     """
-    ckpt = read_checkpoint(path)
-    if variant is not None and variant.lower().removeprefix("yolo_nas_") != ckpt.variant:
-        raise CheckpointError(f"{path}: expected YOLO-NAS {variant.upper()} weights; found {ckpt.variant.upper()}")
-    if num_classes is not None and num_classes != ckpt.num_classes:
-        raise CheckpointError(f"{path}: expected {num_classes} classes; found {ckpt.num_classes}")
+    ckpt = read_checkpoint(path, variant, num_classes)
     return model_from_state_dict(ckpt.state_dict, ckpt.variant, ckpt.num_classes, fuse=fuse, device=device)
 
 
