@@ -37,7 +37,7 @@ from yolonas_tools import archive, peer, server
 from yolonas_tools.backends import calibration_batches
 from yolonas_tools.cli import run_command
 from yolonas_tools.clients import Endpoints, authorized_request
-from yolonas_tools.load import Load, drive, percentile
+from yolonas_tools.load import Load, drive, in_turns, percentile
 from yolonas_tools.synthetic import shapes_image, write_shapes_images
 
 ALL_BACKENDS = ("torch", "torch-bf16", "onnx", "openvino", "openvino-bf16", "int8")
@@ -109,24 +109,6 @@ def emit(rows: list[dict[str, Any]], row: dict[str, Any]) -> None:
     print(f"measured {row}", file=sys.stderr, flush=True)
 
 
-def round_robin(calls: dict[str, Callable[[], Any]], repeats: int, budget_s: float) -> dict[str, list[tuple]]:
-    """(milliseconds, result) of every call, calling them in turn: two warm-up rounds, then ``repeats`` rounds, or
-    fewer (at least 3) once ``budget_s`` is spent."""
-    for _ in range(2):
-        for call in calls.values():
-            call()
-    results: dict[str, list[tuple]] = {name: [] for name in calls}
-    deadline = time.perf_counter() + budget_s
-    for done in range(repeats):
-        if done >= 3 and time.perf_counter() > deadline:
-            break
-        for name, call in calls.items():
-            start = time.perf_counter()
-            value = call()
-            results[name].append(((time.perf_counter() - start) * 1000, value))
-    return results
-
-
 def test_jpeg(seed: int = 0) -> bytes:
     """A 1280x720 JPEG of synthetic shapes (quality 90)."""
     return encode_jpeg(Image.fromarray(shapes_image(np.random.default_rng(seed), size=1280)[:720]), quality=90)
@@ -172,7 +154,7 @@ def in_process(options: BenchOptions, detectors: dict[str, Detector], tensor: np
         calls = {backend: (lambda d=d: d.runtime(x)) for backend, d in detectors.items()}  # noqa: B023
         if batch == 1:
             calls.update(peer_calls(peers, peer_tensor, tensor))
-        for backend, samples in round_robin(calls, options.repeats, options.budget).items():
+        for backend, samples in in_turns(calls, options.repeats, options.budget, warm_up=2).items():
             ms = statistics.median(t for t, _ in samples)
             if backend.startswith("peer "):
                 precision, _, ours = backend[5:].partition(" on ")
@@ -184,7 +166,7 @@ def in_process(options: BenchOptions, detectors: dict[str, Detector], tensor: np
             emit(rows, {"kind": "forward", "backend": backend, "variant": options.variant, "batch": batch,
                         "input": list(tensor.shape[1:]), "ms": ms, "images_per_s": batch * 1000 / ms})  # fmt: skip
     calls = {backend: (lambda d=d: handler_once(d, jpeg)) for backend, d in detectors.items()}
-    for backend, samples in round_robin(calls, options.repeats, options.budget).items():
+    for backend, samples in in_turns(calls, options.repeats, options.budget, warm_up=2).items():
         stages = {stage: statistics.median(s[stage] for _, s in samples) for stage in STAGES}
         total = sum(stages.values())
         emit(rows, {"kind": "handler", "backend": backend, "variant": options.variant, **stages, "total": total,

@@ -11,7 +11,6 @@ import dataclasses
 import shutil
 import statistics
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from yolonas_tools.evaluation import (
     local_detector,
     local_responses,
 )
+from yolonas_tools.load import in_turns
 from yolonas_tools.synthetic import shapes_image
 
 SIZES = ((4000, 3000), (1920, 1080), (1280, 720))
@@ -63,13 +63,9 @@ def time_sizes(repeats: int) -> Iterator[str]:
            f"{'area vs full':>12} {'max':>5}")  # fmt: skip
     for width, height in SIZES:
         data = encode_jpeg(Image.fromarray(shapes_image(rng, size=width)[:height]), quality=90)
-        times: dict[bool, list[float]] = {True: [], False: []}
-        for _ in range(repeats + 1):  # the first round warms up
-            for draft in (False, True):
-                start = time.perf_counter()
-                network_input(data, draft)
-                times[draft].append((time.perf_counter() - start) * 1000)
-        full_ms, draft_ms = (statistics.median(times[d][1:]) for d in (False, True))
+        calls = {"full": lambda: network_input(data, False), "draft": lambda: network_input(data, True)}  # noqa: B023
+        times = in_turns(calls, repeats)
+        full_ms, draft_ms = (statistics.median(ms for ms, _ in times[kind]) for kind in ("full", "draft"))
         full = network_input(data, False)
         drafted, drafted_max = grey_levels(network_input(data, True), full)
         area, area_max = grey_levels(area_filtered_input(data), full)

@@ -1,5 +1,6 @@
 """One load generator and one percentile definition, behind every latency table this repository prints (soak.py,
-batch_sweep.py and bench.py's served rows).
+batch_sweep.py and bench.py's served rows), and one way to time calls in process (``in_turns``: bench.py,
+model_info.py, draft_decode.py).
 
 ``drive`` runs ``clients`` threads, each with its own HTTP session, sending one request after another (``interval``
 seconds apart) until ``seconds`` have passed or ``total`` requests have been sent; every request is timed from
@@ -15,12 +16,34 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import requests
 
 #  What a client sends once: the request on its session; it returns None when the answer is right, else what went
 #  wrong (counted by kind).
 Send = Callable[[requests.Session], str | None]
+
+
+def in_turns(
+    calls: dict[str, Callable[[], Any]], repeats: int, budget_s: float = math.inf, warm_up: int = 1
+) -> dict[str, list[tuple[float, Any]]]:
+    """(milliseconds, result) of every call, calling them in turn round after round, so that the load of other
+    processes falls on all of them alike: ``warm_up`` rounds untimed, then ``repeats`` rounds, or fewer (at least 3)
+    once ``budget_s`` is spent."""
+    for _ in range(warm_up):
+        for call in calls.values():
+            call()
+    results: dict[str, list[tuple[float, Any]]] = {name: [] for name in calls}
+    deadline = time.perf_counter() + budget_s
+    for done in range(repeats):
+        if done >= 3 and time.perf_counter() > deadline:
+            break
+        for name, call in calls.items():
+            start = time.perf_counter()
+            value = call()
+            results[name].append(((time.perf_counter() - start) * 1000, value))
+    return results
 
 
 def percentile(values: Sequence[float], q: float) -> float:

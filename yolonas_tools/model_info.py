@@ -10,12 +10,12 @@ from __future__ import annotations
 import copy
 import json
 import statistics
-import time
 
 import torch
 
 from yolonas import fuse_model, random_model, summarize
 from yolonas.summary import ModelSummary
+from yolonas_tools.load import in_turns
 
 
 class ImageSizeError(ValueError):
@@ -47,15 +47,9 @@ def fusion_timing(variant: str, num_classes: int, size: tuple[int, int], rounds:
     unfused = random_model(variant, num_classes).eval().to(memory_format=torch.channels_last)
     models = {"unfused": unfused, "fused": fuse_model(copy.deepcopy(unfused))}
     x = torch.rand(1, 3, *size).contiguous(memory_format=torch.channels_last)
-    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
-        for round_ in range(rounds + 1):  # round 0 warms up
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(x)
-                if round_:
-                    times[name].append((time.perf_counter() - start) * 1000)
-    result = {f"{name}_ms": statistics.median(values) for name, values in times.items()}
+        times = in_turns({name: (lambda model=model: model(x)) for name, model in models.items()}, rounds)
+    result = {f"{name}_ms": statistics.median(ms for ms, _ in samples) for name, samples in times.items()}
     result["speedup"] = result["unfused_ms"] / result["fused_ms"]
     return result
 
