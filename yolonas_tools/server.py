@@ -328,17 +328,24 @@ def renewer_status(run_dir: Path) -> tuple[bool, str]:
     return True, f"key renewer: running, last check {age:.0f} s ago, renews keys {margin:.1f} min before expiry"
 
 
-def status(endpoints: Endpoints) -> list[dict]:
-    """Every registered model as the management API describes it (keys renewed mid-call are retried)."""
-    listing = authorized_request(endpoints, "GET", f"{endpoints.management}/models", "management", timeout=10)
+def registered_models(endpoints: Endpoints, timeout: float = 10.0) -> list[str]:
+    """The names of the registered models (the management API's list; keys renewed mid-call are retried)."""
+    listing = authorized_request(endpoints, "GET", f"{endpoints.management}/models", "management", timeout=timeout)
     listing.raise_for_status()
-    described = []
-    for model in listing.json().get("models", []):
-        url = f"{endpoints.management}/models/{model['modelName']}"
-        response = authorized_request(endpoints, "GET", url, "management", timeout=10)
-        response.raise_for_status()
-        described.extend(response.json())
-    return described
+    return [model["modelName"] for model in listing.json().get("models", [])]
+
+
+def describe(endpoints: Endpoints, model: str, timeout: float = 10.0) -> list[dict]:
+    """The management API's description of ``model``: one entry per version, each with its workers."""
+    url = f"{endpoints.management}/models/{model}"
+    response = authorized_request(endpoints, "GET", url, "management", timeout=timeout)
+    response.raise_for_status()
+    return response.json()
+
+
+def status(endpoints: Endpoints) -> list[dict]:
+    """Every registered model as the management API describes it."""
+    return [version for model in registered_models(endpoints) for version in describe(endpoints, model)]
 
 
 # --- health ----------------------------------------------------------------------------------------------------
@@ -346,21 +353,17 @@ def status(endpoints: Endpoints) -> list[dict]:
 
 def ready_workers(endpoints: Endpoints, models: list[str], timeout: float) -> dict[str, tuple[int, int]]:
     """model -> (READY workers, workers) for ``models``, or for every registered model when empty."""
-    if not models:
-        listing = authorized_request(endpoints, "GET", f"{endpoints.management}/models", "management", timeout=timeout)
-        if listing.status_code != 200:
-            raise Unhealthy(f"listing models answered {listing.status_code}: {listing.text.strip()[:200]}")
-        models = [m["modelName"] for m in listing.json().get("models", [])]
+    try:
+        models = models or registered_models(endpoints, timeout)
         if not models:
             raise Unhealthy("no model is registered")
-    counts = {}
-    for model in models:
-        url = f"{endpoints.management}/models/{model}"
-        response = authorized_request(endpoints, "GET", url, "management", timeout=timeout)
-        if response.status_code != 200:
-            raise Unhealthy(f"{model}: describe answered {response.status_code}: {response.text.strip()[:200]}")
-        workers = [w for version in response.json() for w in version.get("workers", [])]
-        counts[model] = (sum(w.get("status") == "READY" for w in workers), len(workers))
+        counts = {}
+        for model in models:
+            workers = [w for version in describe(endpoints, model, timeout) for w in version.get("workers", [])]
+            counts[model] = (sum(w.get("status") == "READY" for w in workers), len(workers))
+    except requests.HTTPError as exc:
+        answer = exc.response
+        raise Unhealthy(f"{answer.url} answered {answer.status_code}: {answer.text.strip()[:200]}") from None
     return counts
 
 

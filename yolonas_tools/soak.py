@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import requests
 
+from yolonas_tools import server
 from yolonas_tools.clients import Endpoints, authorized_request
 from yolonas_tools.images import content_type
 from yolonas_tools.keys import KeyFileError
@@ -66,9 +67,8 @@ class SoakReport:
 
 
 def worker_pids(endpoints: Endpoints, model: str) -> list[int]:
-    response = authorized_request(endpoints, "GET", f"{endpoints.management}/models/{model}", "management", timeout=30)
-    response.raise_for_status()
-    return sorted(int(w["pid"]) for description in response.json() for w in description["workers"] if w.get("pid"))
+    versions = server.describe(endpoints, model, timeout=30)
+    return sorted(int(w["pid"]) for version in versions for w in version["workers"] if w.get("pid"))
 
 
 def frontend_process(run_dir: Path) -> psutil.Process | None:
