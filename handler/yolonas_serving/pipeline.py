@@ -179,11 +179,12 @@ class DetectionAutoPadding(Step):
     pad_value: float | tuple[float, ...] = 114.0
     name: ClassVar[str] = "DetectionAutoPadding"
 
+    def padding(self, image: np.ndarray) -> tuple[int, int]:
+        """Rows and columns that bring the image's sides up to multiples of ``shape_multiple``."""
+        return -image.shape[0] % self.shape_multiple[0], -image.shape[1] % self.shape_multiple[1]
+
     def apply(self, image: np.ndarray, transform: BoxTransform) -> tuple[np.ndarray, BoxTransform]:
-        mult_h, mult_w = self.shape_multiple
-        height, width = image.shape[:2]
-        pad_h = -height % mult_h
-        pad_w = -width % mult_w
+        pad_h, pad_w = self.padding(image)
         return _pad(image, 0, pad_h, 0, pad_w, self.pad_value), transform
 
     def spec(self) -> dict[str, Any]:
@@ -191,26 +192,18 @@ class DetectionAutoPadding(Step):
 
 
 @dataclass(frozen=True)
-class DetectionCenterAutoPadding(Step):
-    """Ours, not super-gradients': pad around the image up to the next multiple of ``shape_multiple`` (the odd
-    pixel bottom/right). With a rescale before it, a 16:9 picture becomes a 640x384 input instead of 640x640, and
-    the network skips the work on padding (``--padding minimal``)."""
+class DetectionCenterAutoPadding(DetectionAutoPadding):
+    """Ours, not super-gradients': the same sizes, the padding around the image (the odd pixel bottom/right). With a
+    rescale before it, a 16:9 picture becomes a 640x384 input instead of 640x640, and the network skips the work on
+    padding (``--padding minimal``)."""
 
-    shape_multiple: tuple[int, int] = (STRIDE, STRIDE)
-    pad_value: float | tuple[float, ...] = 114.0
     name: ClassVar[str] = "DetectionCenterAutoPadding"
 
     def apply(self, image: np.ndarray, transform: BoxTransform) -> tuple[np.ndarray, BoxTransform]:
-        mult_h, mult_w = self.shape_multiple
-        height, width = image.shape[:2]
-        pad_h = -height % mult_h
-        pad_w = -width % mult_w
+        pad_h, pad_w = self.padding(image)
         top, left = pad_h // 2, pad_w // 2
         image = _pad(image, top, pad_h - top, left, pad_w - left, self.pad_value)
         return image, transform.padded(left, top)
-
-    def spec(self) -> dict[str, Any]:
-        return {self.name: {"shape_multiple": list(self.shape_multiple), "pad_value": _spec_value(self.pad_value)}}
 
 
 @dataclass(frozen=True)
@@ -275,7 +268,6 @@ STEPS: dict[str, type[Step]] = {
 }
 RESCALE_STEPS = (DetectionLongestMaxSizeRescale, DetectionRescale)
 FIXED_PADDING_STEPS = (DetectionCenterPadding, DetectionBottomRightPadding)
-AUTO_PADDING_STEPS = (DetectionAutoPadding, DetectionCenterAutoPadding)
 #  --padding minimal: each fixed padding becomes the automatic one that puts the image in the same place.
 MINIMAL_PADDING = {
     DetectionCenterPadding: DetectionCenterAutoPadding,
@@ -324,7 +316,7 @@ class Pipeline:
             raise PipelineError(
                 f"the network input {fixed[1]}x{fixed[0]} must have sides that are multiples of {STRIDE}"
             )
-        if fixed is None and not any(isinstance(s, AUTO_PADDING_STEPS) for s in self.steps):
+        if fixed is None and not any(isinstance(s, DetectionAutoPadding) for s in self.steps):
             raise PipelineError(
                 "the pipeline must pad to a fixed size or add DetectionAutoPadding or DetectionCenterAutoPadding "
                 "(multiples of 32)"
@@ -366,7 +358,7 @@ class Pipeline:
         for step in self.steps:
             if isinstance(step, FIXED_PADDING_STEPS) or isinstance(step, DetectionRescale):
                 size = step.output_shape
-            elif isinstance(step, AUTO_PADDING_STEPS):
+            elif isinstance(step, DetectionAutoPadding):  # either placement
                 size = None
         return size
 
