@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+import yaml
 
 from helpers import REPO, with_model_config
 from yolonas_tools import batch, server
@@ -130,11 +132,18 @@ def test_a_worker_killed_under_load_is_restarted_and_nothing_is_lost(run_dir: Pa
     check_results(out, folder, endpoints)
 
 
+SLOW_BATCH = 16
+
+
 def slow_archive(s_archive: Path, target: Path) -> Path:
-    """The S archive with a 1 s response timeout and batches of up to 8 collected for 1 s: a batch of 8 640x640
-    images needs several seconds of CPU, so it always exceeds the timeout (REST register parameters cannot
-    override an archive's responseTimeout)."""
-    return with_model_config(s_archive, target, responseTimeout=1, batchSize=8, maxBatchDelay=1000)
+    """The S archive with a 1 s response timeout, batches of up to 16 collected for 1 s and one torch thread: a
+    batch of 16 640x640 images takes about 2.7 s on one core of a fast CPU (fp32 S, 2-core EPYC: about 170 ms each;
+    with 8 images on two threads it once finished within the second), so it always exceeds the timeout (REST
+    register parameters cannot override an archive's responseTimeout)."""
+    with zipfile.ZipFile(s_archive) as archive:
+        handler = yaml.safe_load(archive.read("model-config.yaml"))["handler"]
+    return with_model_config(s_archive, target, responseTimeout=1, batchSize=SLOW_BATCH, maxBatchDelay=1000,
+                             handler={**handler, "torch_threads": 1})  # fmt: skip
 
 
 def test_a_response_timeout_is_an_error_not_a_hang(run_dir: Path, s_archive: Path, reference_dir, tmp_path):
@@ -144,10 +153,10 @@ def test_a_response_timeout_is_an_error_not_a_hang(run_dir: Path, s_archive: Pat
     try:
         server.register(endpoints, archive.name, name="slow_s")
         assert describe(endpoints, "slow_s")["responseTimeout"] == 1
-        folder = make_folder(tmp_path / "images", reference_dir, 8)
+        folder = make_folder(tmp_path / "images", reference_dir, SLOW_BATCH)
         out = tmp_path / "timeout.json"
         start = time.monotonic()
-        summary = start_batch(folder, out, endpoints, "slow_s", concurrency=8, retries=1, backoff=0.5,
+        summary = start_batch(folder, out, endpoints, "slow_s", concurrency=SLOW_BATCH, retries=1, backoff=0.5,
                               timeout=240).result(timeout=900)  # fmt: skip
         elapsed = time.monotonic() - start
     finally:
@@ -155,7 +164,7 @@ def test_a_response_timeout_is_an_error_not_a_hang(run_dir: Path, s_archive: Pat
         archive.unlink()
 
     # Every image is accounted for; the ones whose batch timed out are listed with TorchServe's reason.
-    assert summary["images"] == summary["succeeded"] + summary["failed"] == 8
+    assert summary["images"] == summary["succeeded"] + summary["failed"] == SLOW_BATCH
     failures = json.loads(batch.output_paths(out)["failures"].read_text())
     assert summary["failed"] == len(failures) >= 1
     for failure in failures:
