@@ -135,8 +135,8 @@ def handler_once(detector: Detector, jpeg: bytes) -> dict[str, float]:
 
 
 def peer_calls(peers: dict[str, PeerForward], peer_tensor: np.ndarray, tensor: np.ndarray) -> dict[str, Callable]:
-    """ "peer <precision>" -> its bare forward on its own input; where our input has another size, also
-    "peer <precision> on ours" -> the same forward on our input (forward against forward)."""
+    """The peer's calls by name: its bare forward on its own input as "peer <precision>", and where our input has
+    another size, the same forward on our input as "peer <precision> on ours" (forward against forward)."""
     calls = {}
     for precision, forward in peers.items():
         calls[f"peer {precision}"] = lambda forward=forward: forward(peer_tensor)
@@ -158,8 +158,8 @@ def in_process(options: BenchOptions, detectors: dict[str, Detector], tensor: np
             ms = statistics.median(t for t, _ in samples)
             if backend.startswith("peer "):
                 precision, _, ours = backend[5:].partition(" on ")
-                shape = tensor.shape if ours else peer_tensor.shape[1:]
-                emit(rows, {"kind": "peer", "precision": precision, "input": list(shape[1:]),
+                height_width = tensor.shape[1:] if ours else peer_tensor.shape[2:]
+                emit(rows, {"kind": "peer", "precision": precision, "input": list(height_width),
                             "where": "in process, our input" if ours else "in process", "ms": ms,
                             "images_per_s": 1000 / ms})  # fmt: skip
                 continue
