@@ -87,10 +87,11 @@ def peer_forward(
         converted = quantize_int8(converted, calibration, left_in_float=PEER_DECODING_TAIL)
     hint = "f32" if precision == "int8" else precision
     compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": hint})
-    requests: dict[tuple[int, ...], Any] = {}
+    infer_requests: dict[tuple[int, ...], Any] = {}
 
     def forward(image: np.ndarray) -> None:
-        request = requests.get(image.shape) or requests.setdefault(image.shape, compiled.create_infer_request())
-        request.infer({0: image})
+        if image.shape not in infer_requests:
+            infer_requests[image.shape] = compiled.create_infer_request()
+        infer_requests[image.shape].infer({0: image})
 
     return forward
