@@ -62,6 +62,7 @@ def run_archive(random_checkpoint, tmp_path: Path, capsys, *flags: str) -> str:
     [
         (["--set", 'conf="0.3"'], "conf: got '0.3' (str), allowed: a number from 0 to 1"),
         (["--set", "maxWorkers=0"], "maxWorkers: got 0 (int), allowed: an integer from 1 to 64"),
+        (["--max-batch-delay", "0"], "maxBatchDelay: got 0 (int), allowed: an integer from 1 to 60000 (TorchServe"),
         (["--set", "handler.max_det=lots"], "max_det: got 'lots' (str)"),
         (["--set", "confidence=0.3"], "unknown key 'confidence'; handler keys: variant"),
         (["--set", "conf"], "expected KEY=VALUE"),

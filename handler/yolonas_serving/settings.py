@@ -27,12 +27,13 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Rule:
     """What one setting accepts: a type (float also takes integers; bool and int never stand in for each other),
-    optionally a closed range or a set of choices."""
+    optionally a closed range or a set of choices, and why where the range surprises."""
 
     kind: type
     low: float | None = None
     high: float | None = None
     choices: tuple[str, ...] = ()
+    why: str = ""
 
     def allowed(self) -> str:
         if self.choices:
@@ -83,7 +84,7 @@ MODEL_RULES: dict[str, Rule] = {
     "minWorkers": Rule(int, 0, 64),
     "maxWorkers": Rule(int, 1, 64),
     "batchSize": Rule(int, 1, 256),
-    "maxBatchDelay": Rule(int, 0, 60_000),
+    "maxBatchDelay": Rule(int, 1, 60_000, why="TorchServe 0.12 reads 0 in model-config.yaml as unset: 100 ms"),
     "responseTimeout": Rule(int, 1, 86_400),
     "startupTimeout": Rule(int, 1, 86_400),
     "jobQueueSize": Rule(int, 1, 1_000_000),
@@ -105,7 +106,8 @@ def check_section(section: dict[str, Any], rules: dict[str, Rule], where: str) -
         if rule.choices and isinstance(value, str):
             problems.append(f"unknown {key} {value!r}; allowed: {rule.allowed()}")
         else:
-            problems.append(f"{key}: got {value!r} ({type(value).__name__}), allowed: {rule.allowed()}")
+            why = f" ({rule.why})" if rule.why else ""
+            problems.append(f"{key}: got {value!r} ({type(value).__name__}), allowed: {rule.allowed()}{why}")
     if problems:
         raise SettingsError(f"{where}: " + "; ".join(problems) + f". Known keys: {', '.join(rules)}")
 
