@@ -9,7 +9,8 @@
 ``--backend`` picks what the archive stores and runs (see ``yolonas_serving/runtime.py`` and
 ``yolonas_tools/backends.py``): torch (default), torch-bf16, cuda-fp16, onnx, openvino, openvino-bf16, int8
 (OpenVINO INT8, calibrated with NNCF on ``--calibration-images``, decoded and preprocessed exactly as served) or auto
-(chosen when the worker loads).
+(chosen when the worker loads). The backends that trade exactness for speed (auto, int8 and the bf16/fp16 ones) run
+``--padding minimal`` unless told otherwise (``--padding fixed`` keeps super-gradients' square input).
 Archives of other backends than torch are named ``yolo_nas_<variant>_<backend>`` unless ``--model-name`` is given.
 
 Any other setting goes in with ``--handler-config FILE`` (YAML shaped like model-config.yaml: TorchServe's keys at the
@@ -30,6 +31,7 @@ from pathlib import Path
 from yolonas import VARIANTS
 from yolonas_serving.pipeline import PADDING_MODES
 from yolonas_serving.runtime import BACKENDS
+from yolonas_serving.settings import MINIMAL_PADDING_BACKENDS
 from yolonas_tools.archive import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_BATCH_DELAY_MS,
@@ -64,8 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--padding",
         choices=PADDING_MODES,
-        help="where the image sits in the network input; minimal: pad only to the next multiple of 32, so a 16:9 "
-        "picture runs at 640x384 (about 40%% less work; outputs differ slightly from super-gradients' square input)",
+        help="where the image sits in the network input. fixed: the checkpoint's fixed-size input (super-gradients' "
+        "square); center / bottom-right: that size, the image placed so; minimal: pad only to the next multiple of "
+        "32, so a 16:9 picture runs at 640x384 (about 40%% less work; outputs differ slightly from the square "
+        "input). Default: minimal for the backends that already trade exactness for speed "
+        f"({', '.join(MINIMAL_PADDING_BACKENDS)}), else fixed",
     )
     parser.add_argument("--conf", type=float)
     parser.add_argument("--iou", type=float)

@@ -155,6 +155,7 @@ def test_input_size_and_padding_overrides_keep_the_margin():
     assert transform.pad_y == 80
     with pytest.raises(PipelineError, match="padding must be one of"):
         COCO_PIPELINE.with_padding("left")
+    assert COCO_PIPELINE.with_padding("fixed") == COCO_PIPELINE
 
 
 def test_minimal_padding_is_the_fixed_input_without_the_padding_rows():

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from yolonas_serving.settings import HANDLER_RULES, HandlerSettings, SettingsError, check_model_config
+from yolonas_serving.settings import (
+    HANDLER_RULES,
+    MINIMAL_PADDING_BACKENDS,
+    HandlerSettings,
+    SettingsError,
+    check_model_config,
+    settings_from_checkpoint,
+)
 from yolonas_tools import archive
 from yolonas_tools.cli import run_command
 
@@ -91,3 +98,26 @@ def test_read_overrides_file_then_set(tmp_path):
         "responseTimeout": 30,
         "handler": {"conf": 0.4, "max_det": 50, "class_agnostic": True},
     }
+
+
+def step_names(settings: HandlerSettings) -> list[str]:
+    return [next(iter(step)) if isinstance(step, dict) else step for step in settings.pipeline]
+
+
+def test_padding_defaults_to_minimal_for_the_backends_that_trade_exactness_for_speed():
+    fixed = step_names(settings_from_checkpoint(80, "s", None)[0])
+    assert fixed[:2] == ["DetectionLongestMaxSizeRescale", "DetectionCenterPadding"]
+    for backend in MINIMAL_PADDING_BACKENDS:
+        settings, _ = settings_from_checkpoint(80, "s", None, backend=backend)
+        assert step_names(settings)[:2] == ["DetectionLongestMaxSizeRescale", "DetectionCenterAutoPadding"], backend
+        assert settings.preprocessing_source.endswith(f"minimal padding (the default for backend {backend})")
+        assert step_names(settings_from_checkpoint(80, "s", None, padding="fixed", backend=backend)[0]) == fixed
+    for backend in ("torch", "onnx", "openvino"):
+        assert step_names(settings_from_checkpoint(80, "s", None, backend=backend)[0]) == fixed
+    # A pipeline without fixed-size padding (here already minimal) is kept as it is.
+    already = {"image_processor": {"ComposeProcessing": {"processings": [
+        {"DetectionLongestMaxSizeRescale": {"output_shape": [320, 320]}},
+        {"DetectionAutoPadding": {"shape_multiple": [32, 32], "pad_value": 114}},
+        {"StandardizeImage": {"max_value": 255.0}}, {"ImagePermute": {"permutation": [2, 0, 1]}}]}}}  # fmt: skip
+    settings, _ = settings_from_checkpoint(80, "s", already, backend="int8")
+    assert step_names(settings)[:2] == ["DetectionLongestMaxSizeRescale", "DetectionAutoPadding"]

@@ -16,7 +16,8 @@ import cv2
 import numpy as np
 
 STRIDE = 32
-PADDING_MODES = ("center", "bottom-right", "minimal")
+#  ``fixed`` keeps the pipeline's own fixed-size padding; the others replace it (:meth:`Pipeline.with_padding`).
+PADDING_MODES = ("fixed", "center", "bottom-right", "minimal")
 
 
 class PipelineError(ValueError):
@@ -385,14 +386,20 @@ class Pipeline:
             steps.append(step)
         return Pipeline(tuple(steps))
 
+    @property
+    def has_fixed_padding(self) -> bool:
+        return any(isinstance(s, FIXED_PADDING_STEPS) for s in self.steps)
+
     def with_padding(self, mode: str) -> Pipeline:
-        """Swap the fixed padding for ``center`` or ``bottom-right`` padding, or for ``minimal`` padding: the image
-        stays where the fixed padding puts it, padded only up to the next multiple of 32 (the input follows the
-        image's aspect ratio)."""
+        """Keep the fixed padding (``fixed``), swap it for ``center`` or ``bottom-right`` padding, or for
+        ``minimal`` padding: the image stays where the fixed padding puts it, padded only up to the next multiple of
+        32 (the input follows the image's aspect ratio)."""
         if mode not in PADDING_MODES:
             raise PipelineError(f"padding must be one of {list(PADDING_MODES)}; got {mode!r}")
-        if not any(isinstance(s, FIXED_PADDING_STEPS) for s in self.steps):
+        if not self.has_fixed_padding:
             raise PipelineError("this pipeline has no fixed-size padding to change")
+        if mode == "fixed":
+            return self
 
         def swapped(step: Step) -> Step:
             if not isinstance(step, FIXED_PADDING_STEPS):

@@ -16,6 +16,11 @@ from .pipeline import COCO_PIPELINE, Pipeline
 from .postprocess import NMSOptions
 from .runtime import BACKENDS
 
+#  Backends that already trade super-gradients' exact answers for speed (reduced precision, or the fastest path the
+#  host has) also default to minimal padding, which skips the network's work on the square input's padding; the
+#  exact ones (torch, onnx, openvino: fp32) keep the checkpoint's fixed input (README, "Minimal padding").
+MINIMAL_PADDING_BACKENDS = ("auto", "torch-bf16", "cuda-fp16", "openvino-bf16", "int8")
+
 #  super-gradients' predict() defaults for COCO models.
 DEFAULT_NMS = NMSOptions(conf=0.25, iou=0.7, pre_nms_top_k=1024, max_det=300, multi_label=True)
 
@@ -188,7 +193,9 @@ def settings_from_checkpoint(
     backend: str = "torch",
 ) -> tuple[HandlerSettings, list[str]]:
     """Settings and class names for a checkpoint: its ``processing_params`` (a Trainer checkpoint's pipeline, class
-    names, conf, iou) when present, else super-gradients' COCO defaults; explicit arguments override both."""
+    names, conf, iou) when present, else super-gradients' COCO defaults; explicit arguments override both. Without
+    ``padding``, a backend of MINIMAL_PADDING_BACKENDS gets minimal padding where the pipeline pads to a fixed
+    size."""
     params = processing_params or {}
     if "image_processor" in params:
         pipeline = Pipeline.from_processing_params(params)
@@ -199,7 +206,10 @@ def settings_from_checkpoint(
     if input_size:
         pipeline = pipeline.with_input_size(*input_size)
         source += f", input size overridden to {input_size[0]}x{input_size[1]}"
-    if padding:
+    if padding is None and backend in MINIMAL_PADDING_BACKENDS and pipeline.has_fixed_padding:
+        pipeline = pipeline.with_padding("minimal")
+        source += f", minimal padding (the default for backend {backend})"
+    elif padding and padding != "fixed":
         pipeline = pipeline.with_padding(padding)
         source += f", padding overridden to {padding}"
     if names is None:

@@ -2,13 +2,14 @@
 trained shapes model (../shared/reference/shapes; skipped where absent).
 
 - ``auto`` (OpenVINO bf16 on a CPU with native bf16, fp32 elsewhere) and ``int8`` (NNCF, calibrated on a few
-  synthetic shapes images, not the val images) are served and validated with ``scripts/val.py --server``: their
-  mAP50-95 stays within 0.005 (auto) and 0.01 (int8) of super-gradients' own fp32 number (expected.json).
-- Minimal padding (``--padding minimal``: the input follows the picture's shape) keeps that accuracy on wide
-  pictures: on the val images widened to 480x320 (their edge columns repeated, labels shifted), auto and int8 with
-  minimal padding lose no more than those bounds against the torch fp32 archive with super-gradients' fixed
-  320x320 padding (measured in process on such archives: torch fixed 0.8062; auto minimal 0.8118, int8 minimal
-  0.8111). The checkpoint pads bottom-right, so that is ``DetectionAutoPadding``; our centred
+  synthetic shapes images, not the val images), archived with their defaults, are served and validated with
+  ``scripts/val.py --server``: their mAP50-95 stays within 0.005 (auto) and 0.01 (int8) of super-gradients' own fp32
+  number (expected.json). The square val images give the same input with either padding.
+- Their default minimal padding (the input follows the picture's shape) keeps that accuracy on wide pictures: on
+  the val images widened to 480x320 (their edge columns repeated, labels shifted), auto and int8 lose no more than
+  those bounds against the torch fp32 archive with super-gradients' fixed 320x320 padding (measured in process on
+  such archives: torch fixed 0.8062; auto minimal 0.8118, int8 minimal 0.8111). The checkpoint pads bottom-right,
+  so that is ``DetectionAutoPadding``; our centred
   ``DetectionCenterAutoPadding`` is checked in process against fixed centre padding of the same checkpoint (torch
   fp32 0.7929 against 0.7901).
 - A camera-sized JPEG (4000x3000 as seen, stored 3000x4000 with EXIF orientation 6) is answered in the oriented
@@ -51,8 +52,8 @@ CAMERA_SIZE = (4000, 3000)  # width, height as seen after orientation
 
 @pytest.fixture(scope="module")
 def shapes_models(ts_server, model_store: Path, shapes_dir: Path, tmp_path_factory):
-    """Name -> model on the session server: the shapes checkpoint as auto, int8, torch, and torch without draft
-    decoding."""
+    """Name -> model on the session server: the shapes checkpoint as auto and int8 (minimal padding, their default),
+    torch, and torch without draft decoding."""
     pytest.importorskip("nncf")
     checkpoint = shapes_dir / "checkpoint.pth"
     calibration = tmp_path_factory.mktemp("calibration")
@@ -60,8 +61,6 @@ def shapes_models(ts_server, model_store: Path, shapes_dir: Path, tmp_path_facto
     flags = {
         "shapes_fast_auto": ["--backend", "auto"],
         "shapes_fast_int8": ["--backend", "int8", "--calibration-images", str(calibration)],
-        "shapes_minimal_auto": ["--backend", "auto", "--padding", "minimal"],
-        "shapes_minimal_int8": ["--backend", "int8", "--calibration-images", str(calibration), "--padding", "minimal"],
         "shapes_draft": [],
         "shapes_full_decode": ["--set", "jpeg_draft=false"],
     }
@@ -124,11 +123,11 @@ def widened(ts_server, shapes_models, widened_data: Path, tmp_path_factory) -> t
 @pytest.mark.parametrize("backend", ["auto", "int8"])
 def test_minimal_padding_keeps_map_on_wide_pictures(endpoints, widened, model_store: Path, tmp_path: Path,
                                                     backend: str):  # fmt: skip
-    with zipfile.ZipFile(model_store / f"shapes_minimal_{backend}.mar") as archive:
+    with zipfile.ZipFile(model_store / f"shapes_fast_{backend}.mar") as archive:
         pipeline = yaml.safe_load(archive.read("model-config.yaml"))["handler"]["pipeline"]
     assert [next(iter(step)) for step in pipeline][:2] == ["DetectionLongestMaxSizeRescale", "DetectionAutoPadding"]
     data, fixed_fp32 = widened
-    found = served_map(endpoints, f"shapes_minimal_{backend}", data, tmp_path / "minimal.json")
+    found = served_map(endpoints, f"shapes_fast_{backend}", data, tmp_path / "minimal.json")
     assert found >= fixed_fp32 - TOLERANCE[backend], (backend, found, fixed_fp32)
 
 
