@@ -24,8 +24,9 @@ flags (AMX, AVX-512 BF16 / VNNI): they change every number.
 (``auto`` -> what it resolves to here, bf16 on a CPU with native bf16; ``int8`` -> NNCF INT8 calibrated on the same
 images as ours). Its forward is timed in process beside ours and again between the served windows, while the server
 idles, so both see the same background load; the last table gives served images/s at 4 clients over the peer's bare
-images/s, and the 1-client p50/p95 over the peer's bare milliseconds. Where our input has another size (``--padding
-minimal``: 640x384 for this 16:9 picture), the peer is also timed on our input, forward against forward. It installs
+images/s, and the 1-client p50/p95 over the peer's bare milliseconds. Each backend runs its archive's own input
+for the picture: minimal padding (640x384 for this 16:9 picture) is the default of auto and int8, so the peer is
+also timed on that input, forward against forward. It installs
 nothing: modern-yolonas comes from requirements-dev.txt.
 
     python scripts/bench.py --peer --backends auto,int8 --concurrency 1,4     # about 6 minutes on 2 cores
@@ -61,7 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-server", action="store_true", help="in-process measurements only")
     parser.add_argument("--peer", action="store_true", help="compare with modern-yolonas' bare OpenVINO forward")
     parser.add_argument(
-        "--padding", choices=PADDING_MODES, help="archives' padding (minimal: the input follows the picture's shape)"
+        "--padding",
+        choices=PADDING_MODES,
+        help="archives' padding (default: each backend's own, see archive.py --help)",
     )
     args = parser.parse_args(argv)
     args.backends = [BASELINE] + [b for b in args.backends.split(",") if b and b != BASELINE]

@@ -1,5 +1,6 @@
 """scripts/bench.py --peer, a short in-process run (no server): it installs nothing, names the CPU and its ISA flags,
-times the peer on its own 640x640 input and, where our input is smaller (--padding minimal), on ours as well."""
+runs each backend on its archive's own input, and times the peer on its own 640x640 input and, where our input is
+smaller (minimal padding, openvino-bf16's default), on ours as well."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import pytest
 import torch
 
+from yolonas_tools.bench import peer_precision
 from yolonas_tools.cli import run_command
 
 pytest.importorskip("openvino")
@@ -15,7 +17,7 @@ pytest.importorskip("modern_yolonas", reason="the peer comes with the dev extra 
 
 
 def test_bench_peer_times_the_peer_on_its_input_and_on_ours(tmp_path, capsys):
-    argv = ["--peer", "--backends", "openvino", "--padding", "minimal", "--skip-server", "--repeats", "3",
+    argv = ["--peer", "--backends", "openvino-bf16", "--skip-server", "--repeats", "3",
             "--budget", "1", "--threads", str(torch.get_num_threads()), "--store", str(tmp_path)]  # fmt: skip
     assert run_command("bench", argv) == 0
     out = capsys.readouterr().out
@@ -23,8 +25,9 @@ def test_bench_peer_times_the_peer_on_its_input_and_on_ours(tmp_path, capsys):
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     peers = {(r["where"], tuple(r["input"])): r for r in rows if r["kind"] == "peer"}
     assert set(peers) == {("in process", (640, 640)), ("in process, our input", (384, 640))}
-    forward = [r for r in rows if r["kind"] == "forward" and r["backend"] == "openvino"]
-    assert {tuple(r["input"]) for r in forward} == {(384, 640)}  # the 1280x720 test picture, minimally padded
+    inputs = {r["backend"]: tuple(r["input"]) for r in rows if r["kind"] == "forward"}
+    assert inputs == {"torch": (640, 640), "openvino-bf16": (384, 640)}  # the 1280x720 test picture
+    precision = peer_precision("openvino-bf16")
     table = out[out.index("vs peer") :].splitlines()
-    assert table[1].split()[:3] == ["openvino", "f32", f"{peers['in process', (640, 640)]['ms']:.1f}"]
-    assert table[2].startswith("peer f32 on our 640x384 input: ")
+    assert table[1].split()[:3] == ["openvino-bf16", precision, f"{peers['in process', (640, 640)]['ms']:.1f}"]
+    assert table[2].startswith(f"peer {precision} on our 640x384 input: ")
