@@ -178,7 +178,8 @@ class OpenVINORuntime:
     single-image requests on one stream per thread (OpenVINO's throughput mode): one thread per image avoids the
     synchronisation a multi-threaded forward pays per layer and keeps its speed when another process takes a core.
     :meth:`begin` starts each image as soon as it is added, so the caller decodes the next image and post-processes
-    finished ones while the streams compute.
+    finished ones while the streams compute; images that would leave threads idle (the third of 3 on 2 threads) run
+    after the streams on the latency compilation.
 
     An IR whose height and width follow the image (minimal or automatic padding) is also compiled once per input
     size it meets, with that size fixed: fixed sizes run faster than the dynamic compilation (INT8 S at 640x384 on
