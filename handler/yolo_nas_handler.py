@@ -77,4 +77,3 @@ def _record_metrics(metrics: Any, batch_size: int, timings: Timings, handler_s: 
     metrics.add_metric("YoloNASBatchSize", batch_size, unit="count", metric_type=MetricTypes.GAUGE)
     metrics.add_counter("YoloNASImages", len(timings.detections))
     metrics.add_counter("YoloNASDetections", sum(timings.detections))
-    logger.info("batch of %d, %d images answered", batch_size, len(timings.detections))
