@@ -61,7 +61,7 @@ def test_concurrent_requests_form_one_batch_and_a_corrupt_item_fails_alone(endpo
 
 
 def test_logs_keep_lifecycle_lines_but_not_per_request_chatter(endpoints, reference_dir: Path):
-    """log4j2.xml drops the ~20 INFO lines TorchServe writes per request (echoed metric lines, backend timings) and
+    """log4j2.xml drops the dozen INFO lines TorchServe writes per request (echoed metric lines, backend timings) and
     keeps its lifecycle lines; the metrics themselves still reach Prometheus."""
     before = _metric(endpoints, "YoloNASImages", "yolo_nas_s") or 0.0
     image = (reference_dir / "images" / "img_a_h480_w640.png").read_bytes()
