@@ -19,6 +19,7 @@ import requests
 
 from yolonas_tools.images import content_type
 from yolonas_tools.keys import key_refused, read_key
+from yolonas_tools.load import KeepAliveSession, PlainResponse
 from yolonas_tools.paths import RUN_DIR
 
 
@@ -84,14 +85,14 @@ def authorized_request(
     method: str,
     url: str,
     kind: str = "inference",
-    session: requests.Session | None = None,
+    session: requests.Session | KeepAliveSession | None = None,
     headers: dict[str, str] | None = None,
     **kwargs: Any,
-) -> requests.Response:
+) -> requests.Response | PlainResponse:
     """A REST call with the current ``inference`` or ``management`` key (see ``with_key``)."""
     sender = session or requests
 
-    def send(key: str) -> requests.Response:
+    def send(key: str) -> requests.Response | PlainResponse:
         return sender.request(method, url, headers={**(headers or {}), "Authorization": f"Bearer {key}"}, **kwargs)
 
     return with_key(endpoints, kind, send)

@@ -57,7 +57,7 @@ def key_expiry(entry: dict[str, str]) -> datetime | None:
 def key_refused(outcome: object) -> bool:
     """TorchServe 0.12 refuses a missing, wrong or expired key with REST 400 InvalidKeyException, gRPC
     PERMISSION_DENIED."""
-    if isinstance(outcome, requests.Response):
+    if hasattr(outcome, "status_code"):  # requests' Response, or the load generator's PlainResponse
         return outcome.status_code == 400 and "InvalidKeyException" in outcome.text
     code = getattr(outcome, "code", None)
     return callable(code) and getattr(code(), "name", None) == "PERMISSION_DENIED"
