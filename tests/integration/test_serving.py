@@ -12,7 +12,8 @@ import requests
 
 from helpers import build_archive
 from reference_match import unmatched
-from yolonas_tools import server
+from yolonas_tools import bench, server
+from yolonas_tools.load import Load
 
 
 def post_image(endpoints, model: str, data: bytes, content_type: str = "image/png", **headers) -> requests.Response:
@@ -80,6 +81,12 @@ def test_logs_keep_lifecycle_lines_but_not_per_request_chatter(endpoints, refere
     assert "Model yolo_nas_s loaded" in ts_log
     assert "YOLO-NAS yolo_nas_s ready" in model_log
     assert (logs / "access_log.log").read_text().count('"POST /predictions/yolo_nas_s HTTP/1.1" 200') >= 3
+
+
+def test_the_bench_load_generator_drives_the_server_on_keep_alive_connections(endpoints):
+    """bench.py's served windows: KeepAliveSession clients with the inference key, answered 200 every time."""
+    load = bench.serve(endpoints, "yolo_nas_s", bench.test_jpeg(), concurrency=2, duration=1.0, load=Load())
+    assert load.served >= 2 and not load.errors and load.per_second > 0
 
 
 def test_parity_with_super_gradients_through_the_server(endpoints, reference_dir: Path, model_store: Path):
