@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -160,3 +161,27 @@ def test_each_image_starts_on_the_runtime_before_the_next_is_decoded(random_chec
     alone, _ = detector.handle(rows[2:], [{}])
     assert responses[2].body == alone[0].body
     assert len(timings.detections) == 2
+
+
+def test_time_waiting_for_a_free_stream_counts_as_inference(random_checkpoint):
+    """Starting an image blocks while every stream is busy: that wait is inference in the stage times, not
+    preprocessing."""
+    runtime = TorchRuntime(load_model(random_checkpoint("s")))
+
+    class BusyStreams(DeferredBatch):
+        def add(self, image):
+            time.sleep(0.2)
+            return super().add(image)
+
+    class StreamedRuntime:
+        def begin(self, expected):
+            return BusyStreams(runtime)
+
+        def __call__(self, batch):
+            return runtime(batch)
+
+    detector = Detector(StreamedRuntime(), COCO_PIPELINE, default_names(80), "s")
+    pixels = np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8)
+    responses, timings = detector.handle([{"body": png(pixels)}] * 2, [{}] * 2)
+    assert [r.status for r in responses] == [200, 200]
+    assert timings.inference_ms >= 400 and timings.preprocess_ms < 200

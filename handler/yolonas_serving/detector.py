@@ -138,10 +138,10 @@ class Detector:
         return Prepared(tensor, transform, options, response_format, keep)
 
     def _prepare_request(
-        self, parsed: ParsedRequest, accept: str | None, batch: RuntimeBatch
+        self, parsed: ParsedRequest, accept: str | None, batch: RuntimeBatch, timings: Timings
     ) -> list[Prepared | RequestError]:
         """Options hold for the whole request; each image is decoded alone, may fail alone, and starts on the
-        runtime as soon as it is ready."""
+        runtime as soon as it is ready. Starting it waits while every stream is busy: that counts as inference."""
         if parsed.v2 is not None:
             accept = None  # a v2 client may accept anything; its answer is always v2 tensors
         options, response_format = parse_options(parsed.options, self.defaults, self.names, accept)
@@ -158,7 +158,9 @@ class Detector:
             except RequestError as exc:
                 items.append(exc)
                 continue
+            started = time.perf_counter()
             item.slot = batch.add(item.tensor)
+            timings.inference_ms += (time.perf_counter() - started) * 1000
             items.append(item)
         if not parsed.many and isinstance(items[0], RequestError):
             raise items[0]
@@ -231,10 +233,10 @@ class Detector:
             start = time.perf_counter()
             for i, (parsed, accept) in parsed_rows.items():
                 try:
-                    requests[i] = (parsed, self._prepare_request(parsed, accept, batch))
+                    requests[i] = (parsed, self._prepare_request(parsed, accept, batch, timings))
                 except RequestError as exc:
                     responses[i] = error_response(exc)
-            timings.preprocess_ms = (time.perf_counter() - start) * 1000
+            timings.preprocess_ms = (time.perf_counter() - start) * 1000 - timings.inference_ms
             for i, (parsed, items) in requests.items():
                 results: list[ImageResult] = [
                     (self._finish(batch, item, timings), item.transform.original_size)
