@@ -75,11 +75,11 @@ class KeepAliveSession:
         self.connections[host] = connection
         try:
             return self._send(connection, method, path, headers or {}, data)
-        except (ConnectionError, http.client.RemoteDisconnected):
+        except ConnectionError:  # http.client's RemoteDisconnected is one
             connection.close()
             if not reused:
                 raise
-            # The server closed the idle connection before this request reached it: send it on a new one.
+            # Most likely the server had closed the idle connection: as urllib3 does, send once more on a new one.
             return self._send(connection, method, path, headers or {}, data)
 
     @staticmethod
