@@ -107,13 +107,14 @@ def test_keep_alive_answers_are_read_like_requests_ones(echo_server):
         KeepAliveSession().request("POST", "https://127.0.0.1/p")
 
 
-def test_drive_counts_a_refused_connection_as_an_error():
+def test_drive_counts_a_refused_connection_as_an_error_every_time():
+    """Each failed call leaves the session ready for the next (http.client would otherwise refuse to send)."""
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     load = drive(
         lambda session: session.request("POST", f"http://127.0.0.1:{port}/p", data=b"") and None,
-        clients=2,
+        clients=1,
         total=4,
         session=KeepAliveSession,
     )

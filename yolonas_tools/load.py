@@ -76,7 +76,6 @@ class KeepAliveSession:
         try:
             return self._send(connection, method, path, headers or {}, data)
         except ConnectionError:  # http.client's RemoteDisconnected is one
-            connection.close()
             if not reused:
                 raise
             # Most likely the server had closed the idle connection: as urllib3 does, send once more on a new one.
@@ -86,9 +85,13 @@ class KeepAliveSession:
     def _send(
         connection: http.client.HTTPConnection, method: str, path: str, headers: dict[str, str], data: bytes | None
     ) -> PlainResponse:
-        connection.request(method, path, body=data, headers=headers)
-        response = connection.getresponse()
-        return PlainResponse(response.status, response.read().decode("utf-8", "replace"))
+        try:
+            connection.request(method, path, body=data, headers=headers)
+            response = connection.getresponse()
+            return PlainResponse(response.status, response.read().decode("utf-8", "replace"))
+        except BaseException:
+            connection.close()  # http.client stays mid-request after a failure and would refuse the next call
+            raise
 
 
 def in_turns(
