@@ -236,6 +236,7 @@ class Detector:
                     requests[i] = (parsed, self._prepare_request(parsed, accept, batch, timings))
                 except RequestError as exc:
                     responses[i] = error_response(exc)
+            # So far inference_ms holds only the waits for a free stream while the images started.
             timings.preprocess_ms = (time.perf_counter() - start) * 1000 - timings.inference_ms
             for i, (parsed, items) in requests.items():
                 results: list[ImageResult] = [
