@@ -33,7 +33,7 @@ class YoloNASHandler:
         torch.set_num_threads(threads)
         gpu_id = properties.get("gpu_id")
         device = f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu"
-        self.detector = Detector.from_model_dir(model_dir, device, context.model_name)
+        self.detector = Detector.from_model_dir(model_dir, device, context.model_name, settings)
         if not self.detector.runtime.uses_torch_threads:
             # torch is left with small glue ops (stacking, NMS); with several threads, its idle OpenMP threads would
             # spin on the cores the runtime's own threads compute on.

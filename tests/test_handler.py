@@ -17,6 +17,8 @@ from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from helpers import REPO
+from yolonas_serving.detector import Detector
+from yolonas_serving.pipeline import Pipeline
 from yolonas_serving.settings import HandlerSettings
 
 
@@ -36,6 +38,7 @@ def loaded(s_archive: Path, tmp_path_factory: pytest.TempPathFactory):
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
     config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
     config["maxWorkers"] = 2  # two workers share the cores: each must take its half, not the process default
+    config["handler"]["max_det"] = 123  # TorchServe's copy of the config, not the file, is what the handler uses
     metrics = MetricsCacheYamlImpl(str(REPO / "metrics.yaml"))
     metrics.initialize_cache()
     context = Context(
@@ -87,6 +90,23 @@ def test_handle_answers_each_item_and_records_metrics(loaded, reference_dir, cap
     for line in ("YoloNASBatchSize.Count:3|", "YoloNASImages.Count:2|", "YoloNASPreprocessSeconds.Seconds:"):
         assert f"[METRICS]{line}" in emitted, line
     assert "Failed to update metric" not in emitted
+
+
+def test_handler_settings_come_from_torchserves_config(loaded):
+    handler, context, _ = loaded
+    assert context.model_yaml_config["handler"]["max_det"] == 123
+    assert handler.detector.defaults.max_det == 123
+
+
+def test_detector_from_a_model_dir_without_config_file_takes_the_defaults(s_archive, tmp_path):
+    with zipfile.ZipFile(s_archive) as zf:
+        zf.extractall(tmp_path)
+    manifest = json.loads((tmp_path / "MAR-INF" / "MANIFEST.json").read_text())
+    (tmp_path / manifest["model"].pop("configFile")).unlink()
+    (tmp_path / "MAR-INF" / "MANIFEST.json").write_text(json.dumps(manifest))
+    detector = Detector.from_model_dir(tmp_path)
+    assert detector.defaults == HandlerSettings().nms_options()
+    assert detector.pipeline == Pipeline.from_spec(HandlerSettings().pipeline)
 
 
 def test_unknown_handler_settings_fail_at_load():

@@ -108,15 +108,23 @@ class Detector:
         )
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, device: str = "cpu", model_name: str | None = None) -> Detector:
+    def from_model_dir(
+        cls,
+        model_dir: str | Path,
+        device: str = "cpu",
+        model_name: str | None = None,
+        settings: HandlerSettings | None = None,
+    ) -> Detector:
         """The detector an extracted archive describes, as a TorchServe worker builds it: the weights file, name and
-        version its MAR-INF/MANIFEST.json names, the ``handler:`` settings of its model-config.yaml and its class
-        names. ``model_name`` is the name it was registered under, the manifest's by default. Threads follow
-        torch's current setting."""
+        version its MAR-INF/MANIFEST.json names, its class names and ``settings``, by default the ``handler:``
+        section of its model-config.yaml (the defaults where it has none). ``model_name`` is the name it was
+        registered under, the manifest's by default. Threads follow torch's current setting."""
         folder = Path(model_dir)
         manifest = json.loads((folder / "MAR-INF" / "MANIFEST.json").read_text())["model"]
-        config = yaml.safe_load((folder / manifest.get("configFile", "model-config.yaml")).read_text()) or {}
-        settings = HandlerSettings.from_config(config.get("handler"))
+        if settings is None:
+            config_file = folder / manifest.get("configFile", "model-config.yaml")
+            config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
+            settings = HandlerSettings.from_config((config or {}).get("handler"))
         names = load_names(folder, settings.num_classes)
         weights = str(folder / manifest["serializedFile"])
         version = str(manifest.get("modelVersion", ""))
