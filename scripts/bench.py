@@ -29,7 +29,7 @@ for the picture: minimal padding (640x384 for this 16:9 picture) is the default 
 also timed on that input, forward against forward. It installs
 nothing: modern-yolonas comes from requirements-dev.txt.
 
-    python scripts/bench.py --peer --backends auto,int8 --concurrency 1,4     # about 6 minutes on 2 cores
+    python scripts/bench.py --peer --backends auto,int8 --concurrency 1,4     # about 4-8 minutes on 2 cores
 """
 
 from __future__ import annotations
