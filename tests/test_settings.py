@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from yolonas_serving.pipeline import PipelineError
 from yolonas_serving.settings import (
     HANDLER_RULES,
     MINIMAL_PADDING_BACKENDS,
@@ -121,3 +122,6 @@ def test_padding_defaults_to_minimal_for_the_backends_that_trade_exactness_for_s
         {"StandardizeImage": {"max_value": 255.0}}, {"ImagePermute": {"permutation": [2, 0, 1]}}]}}}  # fmt: skip
     settings, _ = settings_from_checkpoint(80, "s", already, backend="int8")
     assert step_names(settings)[:2] == ["DetectionLongestMaxSizeRescale", "DetectionAutoPadding"]
+    # Asking it for fixed-size padding, which it does not have, fails instead of passing quietly.
+    with pytest.raises(PipelineError, match="no fixed-size padding"):
+        settings_from_checkpoint(80, "s", already, padding="fixed", backend="int8")

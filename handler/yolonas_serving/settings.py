@@ -209,9 +209,10 @@ def settings_from_checkpoint(
     if padding is None and backend in MINIMAL_PADDING_BACKENDS and pipeline.has_fixed_padding:
         pipeline = pipeline.with_padding("minimal")
         source += f", minimal padding (the default for backend {backend})"
-    elif padding and padding != "fixed":
-        pipeline = pipeline.with_padding(padding)
-        source += f", padding overridden to {padding}"
+    elif padding:
+        pipeline = pipeline.with_padding(padding)  # "fixed" keeps the padding, and is refused where there is none
+        if padding != "fixed":
+            source += f", padding overridden to {padding}"
     if names is None:
         names = [str(n) for n in params["class_names"]] if params.get("class_names") else default_names(num_classes)
     if len(names) != num_classes:
