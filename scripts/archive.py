@@ -7,7 +7,7 @@
     python scripts/archive.py --variant s --random-weights 0 --set conf=0.4 --set maxWorkers=2 --version 2.0
 
 ``--backend`` picks what the archive stores and runs (see ``yolonas_serving/runtime.py`` and
-``yolonas_tools/backends.py``): torch (default), torch-bf16, cuda-fp16, onnx, openvino, openvino-bf16, int8
+``yolonas_tools/build/backends.py``): torch (default), torch-bf16, cuda-fp16, onnx, openvino, openvino-bf16, int8
 (OpenVINO INT8, calibrated with NNCF on ``--calibration-images``, decoded and preprocessed exactly as served) or auto
 (chosen when the worker loads). The backends that trade exactness for speed (auto, int8 and the bf16/fp16 ones) run
 ``--padding minimal`` unless told otherwise (``--padding fixed`` keeps super-gradients' square input).
@@ -32,7 +32,7 @@ from yolonas import VARIANTS
 from yolonas_serving.pipeline import PADDING_MODES
 from yolonas_serving.runtime import BACKENDS
 from yolonas_serving.settings import MINIMAL_PADDING_BACKENDS
-from yolonas_tools.archive import (
+from yolonas_tools.build.archive import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_BATCH_DELAY_MS,
     DEFAULT_WORKERS,

@@ -20,9 +20,9 @@ import json
 import sys
 from pathlib import Path
 
-from yolonas_tools.archive import ArchiveError
+from yolonas_tools.build.archive import ArchiveError
+from yolonas_tools.measure.precision import DEFAULT_BACKENDS, compare_backends, format_table
 from yolonas_tools.paths import REPO
-from yolonas_tools.precision import DEFAULT_BACKENDS, compare_backends, format_table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

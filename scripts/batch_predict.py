@@ -29,9 +29,9 @@ import json
 import sys
 from pathlib import Path
 
-from yolonas_tools.batch import JournalError, grpc_sender, rest_sender, run
-from yolonas_tools.clients import Endpoints
 from yolonas_tools.paths import RUN_DIR
+from yolonas_tools.serve.batch import JournalError, grpc_sender, rest_sender, run
+from yolonas_tools.serve.clients import Endpoints
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -5,7 +5,7 @@
 For each batch size N the archive is registered again as ``<name>_sweep_b<N>`` (one worker, batch_size=N), driven
 by N clients (``--concurrency`` for more) that send the same image back to back, and unregistered. A round sends
 ``--batches`` x N requests after one warm-up batch. The table shows, per batch size, the medians over the rounds of
-each round's p50 / p90 request latency (nearest rank, yolonas_tools/load.py) and its images per second.
+each round's p50 / p90 request latency (nearest rank, yolonas_tools/measure/load.py) and its images per second.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import requests
 
-from yolonas_tools.clients import Endpoints, predict
-from yolonas_tools.load import Load, drive
+from yolonas_tools.measure.load import Load, drive
 from yolonas_tools.paths import REPO, RUN_DIR
-from yolonas_tools.server import ServerError, register
+from yolonas_tools.serve.clients import Endpoints, predict
+from yolonas_tools.serve.server import ServerError, register
 
 
 def drive_model(endpoints: Endpoints, model: str, image: Path, clients: int, count: int) -> Load:

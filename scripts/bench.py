@@ -40,8 +40,8 @@ from pathlib import Path
 
 from yolonas import VARIANTS
 from yolonas_serving.pipeline import PADDING_MODES
-from yolonas_tools import archive
-from yolonas_tools.bench import ALL_BACKENDS, BASELINE, CORES, BenchError, BenchOptions, run
+from yolonas_tools.build import archive
+from yolonas_tools.measure.bench import ALL_BACKENDS, BASELINE, CORES, BenchError, BenchOptions, run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

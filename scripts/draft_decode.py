@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from yolonas_tools.jpeg_draft import report
+from yolonas_tools.measure.jpeg_draft import report
 from yolonas_tools.paths import REPO
 
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from yolonas import VARIANTS
-from yolonas_tools.export import ExportError, export_checked
+from yolonas_tools.build.export import ExportError, export_checked
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from yolonas_tools.grpc_stubs import StubsError, generate
+from yolonas_tools.serve.grpc_stubs import StubsError, generate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
     python scripts/get_weights.py --variant s [--source super-gradients|ultralytics] [--out weights/]
 
 Tries the chosen source first, then the other; a file is kept only once it loads as the requested variant with 80
-classes (yolonas_tools/weights.py). The weights are under Deci's own licence (non-commercial use): read it before
+classes (yolonas_tools/build/weights.py). The weights are under Deci's own licence (non-commercial use): read it before
 using them.
 
 Exit codes: 0 weights in place; 1 a file arrived but is not the requested model; 2 no source could be reached.
@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from yolonas import VARIANTS
+from yolonas_tools.build.weights import SOURCES, WeightsUnavailable, obtain
 from yolonas_tools.paths import WEIGHTS_DIR
-from yolonas_tools.weights import SOURCES, WeightsUnavailable, obtain
 
 EXIT_INVALID, EXIT_UNREACHABLE = 1, 2
 

@@ -9,7 +9,7 @@
     python scripts/grpc_client.py unregister yolo_nas_m
 
 The stubs are generated from the installed TorchServe (``python scripts/gen_grpc.py`` writes
-``yolonas_tools/generated/``); keys and options travel as ``yolonas_tools/clients.py`` describes.
+``yolonas_tools/generated/``); keys and options travel as ``yolonas_tools/serve/clients.py`` describes.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 
 import grpc
 
-from yolonas_tools.clients import Endpoints, add_request_arguments, print_table
-from yolonas_tools.grpc_client import GrpcClient, PredictionError
 from yolonas_tools.paths import RUN_DIR
+from yolonas_tools.serve.clients import Endpoints, add_request_arguments, print_table
+from yolonas_tools.serve.grpc_client import GrpcClient, PredictionError
 
 
 def _print_result(label: str, body: bytes, args: argparse.Namespace, count: int) -> None:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from yolonas_tools.paths import RUN_DIR
-from yolonas_tools.server import Unhealthy, check_health
+from yolonas_tools.serve.server import Unhealthy, check_health
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ TorchServe 0.12 never renews its keys: once ``token_expiration_min`` has passed,
 reads ``key_file.json`` every few seconds and, for a key with less than the margin left, asks the token API for a
 new one (``POST <management>/token?type=inference|management`` with the API key, which never expires). TorchServe
 then rewrites key_file.json and refuses the old key at once; the clients re-read the file and retry a refused call
-once (``yolonas_tools.clients.with_key``).
+once (``yolonas_tools.serve.clients.with_key``).
 
 The margin is ``--renew-margin-min``, else ``YOLONAS_RENEW_MARGIN_MIN``, else 10 minutes or half the key lifetime,
 whichever is smaller. A supervisor restarts the renewing loop if it ever dies and logs it loudly; each check writes
@@ -20,8 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from yolonas_tools.keys import MARGIN_ENV, management_url, renew_forever, renew_margin_s, setup_logging, supervise
 from yolonas_tools.paths import read_properties
+from yolonas_tools.serve.keys import MARGIN_ENV, management_url, renew_forever, renew_margin_s, setup_logging, supervise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import argparse
 import sys
 
 from yolonas import VARIANTS
-from yolonas_tools.model_info import ImageSizeError, image_size, report
+from yolonas_tools.build.model_info import ImageSizeError, image_size, report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from yolonas_tools.clients import Endpoints, add_request_arguments, option_headers, predict, print_table
 from yolonas_tools.paths import RUN_DIR
+from yolonas_tools.serve.clients import Endpoints, add_request_arguments, option_headers, predict, print_table
 
 
 def main(argv: list[str] | None = None) -> int:

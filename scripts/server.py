@@ -21,10 +21,10 @@ from pathlib import Path
 
 import requests
 
-from yolonas_tools.clients import Endpoints, NoServerError
-from yolonas_tools.keys import KeyFileError
 from yolonas_tools.paths import MODEL_STORE, RUN_DIR
-from yolonas_tools.server import (
+from yolonas_tools.serve.clients import Endpoints, NoServerError
+from yolonas_tools.serve.keys import KeyFileError
+from yolonas_tools.serve.server import (
     ServerError,
     key_status,
     renewer_status,

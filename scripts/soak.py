@@ -19,9 +19,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from yolonas_tools.clients import Endpoints
+from yolonas_tools.measure.soak import SoakError, print_report, soak
 from yolonas_tools.paths import REPO, RUN_DIR
-from yolonas_tools.soak import SoakError, print_report, soak
+from yolonas_tools.serve.clients import Endpoints
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """Synthetic images in the style of the shapes model's data: circles, squares, triangles and hollow rectangles in
-random colours on a noisy two-colour gradient (yolonas_tools/synthetic.py), for calibrating INT8 archives.
+random colours on a noisy two-colour gradient (yolonas_tools/data/synthetic.py), for calibrating INT8 archives.
 
     python scripts/synthetic_shapes.py OUT_DIR --count 64 --seed 1
 """
@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from yolonas_tools.synthetic import write_shapes_images
+from yolonas_tools.data.synthetic import write_shapes_images
 
 
 def main(argv: list[str] | None = None) -> int:

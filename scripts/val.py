@@ -11,7 +11,7 @@ they give the same numbers. Detection settings follow super-gradients' validatio
 candidates before NMS (the archive's setting) and 300 detections per image.
 
 Metrics (mAP50-95, mAP50, precision and recall at the best-F1 threshold, AR100) are pycocotools' COCOeval, as
-yolonas_tools/evaluation.py defines them; ``--out`` writes the definitions beside the numbers.
+yolonas_tools/measure/evaluation.py defines them; ``--out`` writes the definitions beside the numbers.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from yolonas_tools.clients import Endpoints
-from yolonas_tools.datasets import DatasetError, load_dataset
-from yolonas_tools.evaluation import (
+from yolonas_tools.data.datasets import DatasetError, load_dataset
+from yolonas_tools.measure.evaluation import (
     DEFINITIONS,
     EvalOptions,
     EvaluationError,
@@ -37,6 +36,7 @@ from yolonas_tools.evaluation import (
     server_responses,
 )
 from yolonas_tools.paths import RUN_DIR
+from yolonas_tools.serve.clients import Endpoints
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

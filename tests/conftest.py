@@ -10,8 +10,8 @@ import torch
 
 from helpers import REFERENCE, SHAPES, build_archive, require
 from yolonas import save_random_checkpoint
-from yolonas_tools import server
-from yolonas_tools.clients import Endpoints
+from yolonas_tools.serve import server
+from yolonas_tools.serve.clients import Endpoints
 
 torch.set_num_threads(2)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from yolonas_tools import batch
-from yolonas_tools.batch import FatalError, PermanentError, SendError, Stop, TransientError, process
+from yolonas_tools.serve import batch
+from yolonas_tools.serve.batch import FatalError, PermanentError, SendError, Stop, TransientError, process
 
 
 @pytest.fixture

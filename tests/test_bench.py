@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from yolonas_tools.bench import peer_precision
 from yolonas_tools.cli import run_command
+from yolonas_tools.measure.bench import peer_precision
 
 pytest.importorskip("openvino")
 pytest.importorskip("modern_yolonas", reason="the peer comes with the dev extra (requirements-dev.txt)")

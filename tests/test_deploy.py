@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from yolonas_tools import archive
+from yolonas_tools.build import archive
 from yolonas_tools.paths import read_properties
 
 REPO = Path(__file__).resolve().parent.parent

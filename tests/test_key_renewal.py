@@ -11,8 +11,15 @@ from pathlib import Path
 import pytest
 import requests
 
-from yolonas_tools.clients import Endpoints, with_key
-from yolonas_tools.keys import KeyFileError, check_interval_s, key_refused, read_keys, renew_margin_s, seconds_left
+from yolonas_tools.serve.clients import Endpoints, with_key
+from yolonas_tools.serve.keys import (
+    KeyFileError,
+    check_interval_s,
+    key_refused,
+    read_keys,
+    renew_margin_s,
+    seconds_left,
+)
 
 
 def write_keys(path: Path, inference: str, expires: str = "2030-01-01T00:00:00.123456789Z") -> None:

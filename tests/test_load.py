@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from yolonas_tools.keys import key_refused
-from yolonas_tools.load import KeepAliveSession, Load, PlainResponse, drive, percentile
+from yolonas_tools.measure.load import KeepAliveSession, Load, PlainResponse, drive, percentile
+from yolonas_tools.serve.keys import key_refused
 
 
 def test_percentile_is_the_nearest_rank():

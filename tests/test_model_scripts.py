@@ -21,7 +21,7 @@ import torch
 
 from helpers import REPO
 from yolonas import build_model, read_checkpoint, summarize
-from yolonas_tools import weights
+from yolonas_tools.build import weights
 from yolonas_tools.cli import run_command
 
 PARAMS = {"yolo_nas_s": 19_053_888, "yolo_nas_m": 51_182_658, "yolo_nas_l": 66_976_392}

@@ -44,7 +44,7 @@ def dynamic_onnx(model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def openvino_ir(checkpoint, tmp_path_factory):
     pytest.importorskip("openvino")
-    from yolonas_tools.backends import write_backend_files
+    from yolonas_tools.build.backends import write_backend_files
 
     folder = tmp_path_factory.mktemp("openvino")
     xml, beside = write_backend_files("openvino", read_checkpoint(checkpoint), SIZE, folder)
@@ -271,8 +271,8 @@ def test_int8_leaves_decoding_tail_in_float(openvino_ir, tmp_path):
     pytest.importorskip("nncf")
     import openvino as ov
 
-    from yolonas_tools.backends import DECODING_TAIL, calibration_batches, quantize_int8
-    from yolonas_tools.synthetic import write_shapes_images
+    from yolonas_tools.build.backends import DECODING_TAIL, calibration_batches, quantize_int8
+    from yolonas_tools.data.synthetic import write_shapes_images
 
     write_shapes_images(tmp_path / "images", 3, seed=2, size=200)
     batches = calibration_batches(tmp_path / "images", COCO_PIPELINE.with_input_size(*SIZE))

@@ -18,7 +18,7 @@ from yolonas_serving.settings import (
     check_model_config,
     settings_from_checkpoint,
 )
-from yolonas_tools import archive
+from yolonas_tools.build import archive
 from yolonas_tools.cli import run_command
 
 

@@ -12,9 +12,9 @@ import yaml
 from PIL import Image
 
 from yolonas_serving.postprocess import Detections
-from yolonas_tools import evaluation
 from yolonas_tools.cli import run_command
-from yolonas_tools.datasets import DatasetError, label_path, load_dataset
+from yolonas_tools.data.datasets import DatasetError, label_path, load_dataset
+from yolonas_tools.measure import evaluation
 
 NAMES = ["cat", "dog", "emu"]
 COCO_IDS = [3, 7, 11]  # deliberately not 0..n-1: class index i must map to the i-th sorted category

@@ -16,9 +16,9 @@ from PIL import Image
 
 from helpers import build_archive, predict_json
 from reference_match import unmatched
-from yolonas_tools import server
 from yolonas_tools.cli import run_command
-from yolonas_tools.synthetic import shapes_image, write_shapes_images
+from yolonas_tools.data.synthetic import shapes_image, write_shapes_images
+from yolonas_tools.serve import server
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from helpers import with_model_config
-from yolonas_tools import archive, server
-from yolonas_tools.grpc_client import GrpcClient
+from yolonas_tools.build import archive
+from yolonas_tools.serve import server
+from yolonas_tools.serve.grpc_client import GrpcClient
 
 MODEL = "yolo_nas_s"
 ARCHIVE = (archive.DEFAULT_BATCH_SIZE, archive.DEFAULT_MAX_BATCH_DELAY_MS)  # what scripts/archive.py writes

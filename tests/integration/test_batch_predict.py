@@ -16,7 +16,7 @@ import requests
 from PIL import Image
 
 from helpers import REPO
-from yolonas_tools import batch
+from yolonas_tools.serve import batch
 
 MODEL = "yolo_nas_s"
 GOOD = ["img_a_h480_w640.png", "nested/deeper/img_b_h800_w600.png", "nested/small.JPG"]

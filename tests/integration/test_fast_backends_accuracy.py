@@ -36,11 +36,12 @@ from helpers import build_archive, predict_json
 from reference_match import unmatched
 from yolonas_serving.envelope import ImageRequest
 from yolonas_serving.postprocess import Detections
-from yolonas_tools import evaluation, server
 from yolonas_tools.cli import run_command
-from yolonas_tools.datasets import load_dataset
-from yolonas_tools.evaluation import agreement
-from yolonas_tools.synthetic import write_shapes_images
+from yolonas_tools.data.datasets import load_dataset
+from yolonas_tools.data.synthetic import write_shapes_images
+from yolonas_tools.measure import evaluation
+from yolonas_tools.measure.evaluation import agreement
+from yolonas_tools.serve import server
 
 pytest.importorskip("openvino")
 

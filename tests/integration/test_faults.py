@@ -22,8 +22,8 @@ import requests
 import yaml
 
 from helpers import REPO, with_model_config
-from yolonas_tools import batch, server
-from yolonas_tools.clients import Endpoints
+from yolonas_tools.serve import batch, server
+from yolonas_tools.serve.clients import Endpoints
 
 MODEL = "yolo_nas_s"
 

@@ -9,8 +9,8 @@ from test_finetuned import PIPELINES, photo, png, processing_params, trainer_che
 import sg_oracle
 from reference_match import unmatched
 from yolonas import random_model
-from yolonas_tools import server
 from yolonas_tools.cli import run_command
+from yolonas_tools.serve import server
 
 
 def test_served_finetuned_checkpoint_matches_predict(endpoints, model_store, tmp_path):

@@ -15,7 +15,7 @@ import requests
 
 from helpers import build_archive
 from yolonas_tools.generated import inference_pb2, inference_pb2_grpc
-from yolonas_tools.grpc_client import GrpcClient, PredictionError
+from yolonas_tools.serve.grpc_client import GrpcClient, PredictionError
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "yolo_nas_s"

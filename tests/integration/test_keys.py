@@ -19,8 +19,8 @@ import psutil
 import pytest
 
 from helpers import REPO
-from yolonas_tools import server
-from yolonas_tools.keys import read_key
+from yolonas_tools.serve import server
+from yolonas_tools.serve.keys import read_key
 
 EXPIRATION_MIN = 1
 LIFETIME_S = EXPIRATION_MIN * 60

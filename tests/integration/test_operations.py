@@ -17,7 +17,8 @@ import pytest
 import requests
 
 from helpers import REPO, with_model_config
-from yolonas_tools import server, soak
+from yolonas_tools.measure import soak
+from yolonas_tools.serve import server
 
 
 def serve(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -117,7 +118,7 @@ def test_foreground_mode_stops_everything(tmp_path: Path, model_store: Path, end
     launcher = psutil.Process(int((tmp_path / "server.pid").read_text()))
     renewer = psutil.Process(int((tmp_path / "renewer.pid").read_text()))
     processes = [launcher, *launcher.children(recursive=True), renewer, *renewer.children()]
-    code = f"import sys; from yolonas_tools import server; sys.exit(server.wait_in_foreground({str(tmp_path)!r}))"
+    code = f"import sys; from yolonas_tools.serve import server; sys.exit(server.wait_in_foreground({str(tmp_path)!r}))"
     attached = subprocess.Popen([sys.executable, "-c", code])
     try:
         time.sleep(3)

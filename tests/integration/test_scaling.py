@@ -28,8 +28,8 @@ import pytest
 import requests
 
 from helpers import build_archive
-from yolonas_tools import server
-from yolonas_tools.grpc_client import GrpcClient
+from yolonas_tools.serve import server
+from yolonas_tools.serve.grpc_client import GrpcClient
 
 MODEL = "yolo_nas_s"
 SCALED_DOWN_BATCH = "Worker died."  # what the requests of a scaled-down worker's batch get

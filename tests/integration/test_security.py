@@ -20,9 +20,9 @@ import requests
 import torch
 from google.protobuf import empty_pb2
 
-from yolonas_tools import server
 from yolonas_tools.generated import inference_pb2, inference_pb2_grpc, management_pb2, management_pb2_grpc
-from yolonas_tools.keys import read_key
+from yolonas_tools.serve import server
+from yolonas_tools.serve.keys import read_key
 
 MODEL = "yolo_nas_s"
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}

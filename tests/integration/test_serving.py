@@ -12,8 +12,9 @@ import requests
 
 from helpers import build_archive
 from reference_match import unmatched
-from yolonas_tools import bench, server
-from yolonas_tools.load import Load
+from yolonas_tools.measure import bench
+from yolonas_tools.measure.load import Load
+from yolonas_tools.serve import server
 
 
 def post_image(endpoints, model: str, data: bytes, content_type: str = "image/png", **headers) -> requests.Response:

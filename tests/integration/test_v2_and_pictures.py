@@ -16,9 +16,9 @@ import pytest
 import requests
 from PIL import Image
 
-from yolonas_tools import server
 from yolonas_tools.generated import open_inference_grpc_pb2 as oip
 from yolonas_tools.generated import open_inference_grpc_pb2_grpc as oip_grpc
+from yolonas_tools.serve import server
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "yolo_nas_s"

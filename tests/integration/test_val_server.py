@@ -10,9 +10,10 @@ import pytest
 import requests
 
 from helpers import build_archive
-from yolonas_tools import evaluation, server
 from yolonas_tools.cli import run_command
-from yolonas_tools.datasets import load_dataset
+from yolonas_tools.data.datasets import load_dataset
+from yolonas_tools.measure import evaluation
+from yolonas_tools.serve import server
 
 MODEL = "shapes_val"  # a name of its own: other tests may register "shapes" with other flags
 

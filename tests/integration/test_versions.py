@@ -10,9 +10,9 @@ import pytest
 import requests
 
 from helpers import build_archive
-from yolonas_tools import server
 from yolonas_tools.generated import management_pb2
-from yolonas_tools.grpc_client import GrpcClient
+from yolonas_tools.serve import server
+from yolonas_tools.serve.grpc_client import GrpcClient
 
 MODEL = "canary"
 

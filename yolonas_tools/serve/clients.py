@@ -2,7 +2,7 @@
 one place where a call whose key was refused, because the renewer replaced it meanwhile, is retried.
 
 REST: options travel as ``X-*`` headers beside a raw image body (TorchServe does not pass query strings on); a
-request a worker died under (500, 503, 507) is retried once. The gRPC client is yolonas_tools/grpc_client.py.
+request a worker died under (500, 503, 507) is retried once. The gRPC client is yolonas_tools/serve/grpc_client.py.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any, TypeVar
 
 import requests
 
-from yolonas_tools.images import content_type
-from yolonas_tools.keys import key_refused, read_key
-from yolonas_tools.load import KeepAliveSession, PlainResponse
+from yolonas_tools.data.images import content_type
+from yolonas_tools.measure.load import KeepAliveSession, PlainResponse
 from yolonas_tools.paths import RUN_DIR
+from yolonas_tools.serve.keys import key_refused, read_key
 
 
 class NoServerError(Exception):

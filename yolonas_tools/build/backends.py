@@ -30,7 +30,7 @@ from yolonas.export import export_onnx
 from yolonas_serving.decode import decode_image
 from yolonas_serving.pipeline import Pipeline
 from yolonas_serving.runtime import AUTO_OPENVINO_FILE, SERIALIZED_FILE, WEIGHTS_FILE, openvino_available
-from yolonas_tools.images import IMAGE_SUFFIXES, is_image
+from yolonas_tools.data.images import IMAGE_SUFFIXES, is_image
 
 #  ONNX node names follow the module tree: "/heads/Softmax" is decoding, "/heads/head1/reg_pred/Conv" a head conv.
 DECODING_TAIL = r"^/heads/[^/]+$"

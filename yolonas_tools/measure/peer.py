@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from yolonas_tools.backends import quantize_int8
+from yolonas_tools.build.backends import quantize_int8
 
 #  In a graph converted from PyTorch, the ops of NDFLHeads.forward itself (softmax over distance bins, anchors) are
 #  named "__module.heads/aten::..."; the head convolutions are "__module.heads.head1...".

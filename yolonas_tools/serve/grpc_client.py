@@ -17,8 +17,8 @@ from typing import Any
 
 import grpc
 
-from yolonas_tools.clients import Endpoints, grpc_call, with_key
 from yolonas_tools.generated import inference_pb2, inference_pb2_grpc, management_pb2, management_pb2_grpc
+from yolonas_tools.serve.clients import Endpoints, grpc_call, with_key
 
 #  Match max_request_size / max_response_size in config.properties (gRPC's own default is 4 MB).
 MAX_MESSAGE_BYTES = 20 * 1024 * 1024

@@ -35,7 +35,7 @@ from yolonas_serving.settings import (
     check_model_config,
     settings_from_checkpoint,
 )
-from yolonas_tools.backends import calibration_batches, write_backend_files
+from yolonas_tools.build.backends import calibration_batches, write_backend_files
 from yolonas_tools.paths import HANDLER_DIR, installed_command
 
 

@@ -15,7 +15,7 @@ import torch
 
 from yolonas import fuse_model, random_model, summarize
 from yolonas.summary import ModelSummary
-from yolonas_tools.load import in_turns
+from yolonas_tools.measure.load import in_turns
 
 
 class ImageSizeError(ValueError):

@@ -19,7 +19,7 @@ import yaml
 from PIL import ExifTags, Image
 from pycocotools.coco import COCO
 
-from yolonas_tools.images import is_image
+from yolonas_tools.data.images import is_image
 
 
 class DatasetError(ValueError):

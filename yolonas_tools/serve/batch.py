@@ -22,11 +22,11 @@ from typing import Any
 import requests
 from tqdm import tqdm
 
-from yolonas_tools.clients import Endpoints, authorized_request, option_headers
-from yolonas_tools.grpc_client import GrpcClient, PredictionError
-from yolonas_tools.images import content_type, is_image
-from yolonas_tools.keys import KeyFileError, key_refused
+from yolonas_tools.data.images import content_type, is_image
 from yolonas_tools.paths import write_json_atomically
+from yolonas_tools.serve.clients import Endpoints, authorized_request, option_headers
+from yolonas_tools.serve.grpc_client import GrpcClient, PredictionError
+from yolonas_tools.serve.keys import KeyFileError, key_refused
 
 #  gRPC codes TorchServe uses for a busy or restarting backend (507 and 503 map to the first two).
 TRANSIENT_GRPC_CODES = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED"})

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import requests
 
-from yolonas_tools.clients import Endpoints, NoServerError, authorized_request
-from yolonas_tools.keys import RENEWER_COMMAND, KeyFileError, process_alive, read_keys, seconds_left
 from yolonas_tools.paths import MODEL_STORE, REPO, RUN_DIR, installed_command, read_properties
+from yolonas_tools.serve.clients import Endpoints, NoServerError, authorized_request
+from yolonas_tools.serve.keys import RENEWER_COMMAND, KeyFileError, process_alive, read_keys, seconds_left
 
 CONFIG = REPO / "config.properties"
 LOG_CONFIG = REPO / "log4j2.xml"

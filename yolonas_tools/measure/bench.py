@@ -32,12 +32,14 @@ from yolonas_serving.envelope import ImageRequest, ParsedRequest
 from yolonas_serving.pipeline import COCO_PIPELINE
 from yolonas_serving.runtime import cpu_has_bf16
 from yolonas_serving.settings import available_cores
-from yolonas_tools import archive, peer, server
-from yolonas_tools.backends import calibration_batches
+from yolonas_tools.build import archive
+from yolonas_tools.build.backends import calibration_batches
 from yolonas_tools.cli import run_command
-from yolonas_tools.clients import Endpoints, authorized_request
-from yolonas_tools.load import KeepAliveSession, Load, drive, in_turns, percentile
-from yolonas_tools.synthetic import shapes_image, write_shapes_images
+from yolonas_tools.data.synthetic import shapes_image, write_shapes_images
+from yolonas_tools.measure import peer
+from yolonas_tools.measure.load import KeepAliveSession, Load, drive, in_turns, percentile
+from yolonas_tools.serve import server
+from yolonas_tools.serve.clients import Endpoints, authorized_request
 
 ALL_BACKENDS = ("torch", "torch-bf16", "onnx", "openvino", "openvino-bf16", "int8")
 BASELINE = "torch"

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from yolonas_tools import archive
+from yolonas_tools.build import archive
 from yolonas_tools.cli import run_command
-from yolonas_tools.datasets import load_dataset
-from yolonas_tools.evaluation import (
+from yolonas_tools.data.datasets import load_dataset
+from yolonas_tools.data.synthetic import write_shapes_images
+from yolonas_tools.measure.evaluation import (
     EvalOptions,
     agreement,
     detect_all,
@@ -26,7 +27,6 @@ from yolonas_tools.evaluation import (
     evaluate,
     local_responses,
 )
-from yolonas_tools.synthetic import write_shapes_images
 
 DEFAULT_BACKENDS = ("torch-bf16", "openvino", "openvino-bf16", "int8")
 CALIBRATION_IMAGES = 64

@@ -23,8 +23,9 @@ from yolonas_serving.decode import decode_image
 from yolonas_serving.draw import encode_jpeg
 from yolonas_serving.pipeline import COCO_PIPELINE
 from yolonas_serving.postprocess import Detections
-from yolonas_tools.datasets import load_dataset
-from yolonas_tools.evaluation import (
+from yolonas_tools.data.datasets import load_dataset
+from yolonas_tools.data.synthetic import shapes_image
+from yolonas_tools.measure.evaluation import (
     EvalOptions,
     agreement,
     detections_from_response,
@@ -32,8 +33,7 @@ from yolonas_tools.evaluation import (
     local_detector,
     local_responses,
 )
-from yolonas_tools.load import in_turns
-from yolonas_tools.synthetic import shapes_image
+from yolonas_tools.measure.load import in_turns
 
 SIZES = ((4000, 3000), (1920, 1080), (1280, 720))
 

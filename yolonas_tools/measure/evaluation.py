@@ -36,8 +36,8 @@ from yolonas_serving.envelope import ImageRequest, ParsedRequest
 from yolonas_serving.errors import RequestError
 from yolonas_serving.postprocess import Detections
 from yolonas_serving.settings import settings_from_checkpoint
-from yolonas_tools.clients import Endpoints, option_headers, predict
-from yolonas_tools.datasets import Dataset, ImageEntry, quiet
+from yolonas_tools.data.datasets import Dataset, ImageEntry, quiet
+from yolonas_tools.serve.clients import Endpoints, option_headers, predict
 
 
 class EvaluationError(Exception):

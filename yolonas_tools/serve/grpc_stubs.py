@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc_tools
 from grpc_tools import protoc
 
-OUT = Path(__file__).resolve().parent / "generated"
+OUT = Path(__file__).resolve().parent.parent / "generated"
 PROTOS = (
     "proto/inference.proto",
     "proto/management.proto",

@@ -1,4 +1,4 @@
-"""Load and soak: one model driven by the load generator (yolonas_tools/load.py) for minutes, with the memory of
+"""Load and soak: one model driven by the load generator (yolonas_tools/measure/load.py) for minutes, with the memory of
 its workers and of the frontend sampled meanwhile; what ``scripts/soak.py`` describes."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from pathlib import Path
 import psutil
 import requests
 
-from yolonas_tools import server
-from yolonas_tools.clients import Endpoints, authorized_request
-from yolonas_tools.images import content_type
-from yolonas_tools.keys import KeyFileError
-from yolonas_tools.load import Load, Send, drive
+from yolonas_tools.data.images import content_type
+from yolonas_tools.measure.load import Load, Send, drive
+from yolonas_tools.serve import server
+from yolonas_tools.serve.clients import Endpoints, authorized_request
+from yolonas_tools.serve.keys import KeyFileError
 
 
 class SoakError(Exception):

@@ -1,0 +1,1 @@
+"""Images and labelled data: which files are images, validation datasets, synthetic shapes."""

@@ -1,0 +1,1 @@
+"""Running and calling a server: TorchServe control, its keys, the REST and gRPC clients, the batch job."""
