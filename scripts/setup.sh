@@ -16,5 +16,8 @@ fi
 # (requirements-kserve.txt says why).
 .venv/bin/python -m pip install --quiet --no-deps kserve==0.21.0
 .venv/bin/python -m pip install --quiet -r requirements-kserve.txt
+# sahi (tests/test_slicing.py compares our sliced inference with it) requires opencv-python, which would overwrite
+# the cv2 of opencv-python-headless: installed without its dependencies; requirements-dev.txt lists the others.
+.venv/bin/python -m pip install --quiet --no-deps sahi==0.12.8
 .venv/bin/python scripts/gen_grpc.py
 command -v java >/dev/null || echo "WARNING: java not found; TorchServe's frontend needs Java 17" >&2
