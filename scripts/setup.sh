@@ -19,5 +19,7 @@ fi
 # sahi (tests/test_slicing.py compares our sliced inference with it) requires opencv-python, which would overwrite
 # the cv2 of opencv-python-headless: installed without its dependencies; requirements-dev.txt lists the others.
 .venv/bin/python -m pip install --quiet --no-deps sahi==0.12.8
+# Roboflow's trackers (tracking archives) requires opencv-python too: likewise (requirements-tracking.txt says why).
+.venv/bin/python -m pip install --quiet --no-deps trackers==2.6.1
 .venv/bin/python scripts/gen_grpc.py
 command -v java >/dev/null || echo "WARNING: java not found; TorchServe's frontend needs Java 17" >&2
