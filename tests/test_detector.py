@@ -17,13 +17,16 @@ from yolonas import load_model
 from yolonas_serving.classes import default_names
 from yolonas_serving.detector import Detector
 from yolonas_serving.pipeline import COCO_PIPELINE, Pipeline
-from yolonas_serving.runtime import DeferredBatch, TorchRuntime
+from yolonas_serving.protocol.base import Model
+from yolonas_serving.runtime import DeferredBatch, TorchRuntime, WholeBatchRuntime
+
+MODEL = Model("s", default_names(80))
 
 
 @pytest.fixture(scope="module")
 def reference_detector(reference_dir) -> Detector:
     model = load_model(reference_dir / "checkpoint.pth")
-    return Detector(TorchRuntime(model), COCO_PIPELINE, default_names(80), "yolo_nas_s")
+    return Detector(TorchRuntime(model), COCO_PIPELINE, Model("yolo_nas_s", default_names(80)))
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -50,7 +53,7 @@ def test_a_bad_item_fails_alone(reference_detector, reference_dir):
     responses, timings = reference_detector.handle(rows, headers)
     assert [r.status for r in responses] == [200, 400, 400, 200]
     assert "unreadable image header" in json.loads(responses[1].body)["error"]
-    assert "conf must be between" in json.loads(responses[2].body)["error"]
+    assert "conf: got 2.0; allowed: a number in [0, 1]" in json.loads(responses[2].body)["error"]
     assert responses[0].body == responses[3].body
     assert len(timings.detections) == 2
 
@@ -95,7 +98,7 @@ def test_auto_padding_batches_by_shape(random_checkpoint):
             calls.append(batch.shape)
             return super().__call__(batch)
 
-    detector = Detector(CountingRuntime(load_model(random_checkpoint("s"))), pipeline, default_names(80), "s")
+    detector = Detector(CountingRuntime(load_model(random_checkpoint("s"))), pipeline, MODEL)
     rng = np.random.default_rng(0)
     wide, tall = rng.integers(0, 255, (80, 160, 3), np.uint8), rng.integers(0, 255, (160, 96, 3), np.uint8)
     responses, _ = detector.handle([{"body": png(wide)}, {"body": png(tall)}, {"body": png(wide)}], [{}] * 3)
@@ -109,7 +112,13 @@ def test_warm_up_runs_the_requested_batch_sizes(random_checkpoint):
     seen = []
     model = load_model(random_checkpoint("s"))
     runtime = TorchRuntime(model)
-    detector = Detector(lambda batch: seen.append(len(batch)) or runtime(batch), COCO_PIPELINE, default_names(80), "s")
+
+    class RecordingRuntime(WholeBatchRuntime):
+        def __call__(self, batch):
+            seen.append(len(batch))
+            return runtime(batch)
+
+    detector = Detector(RecordingRuntime(), COCO_PIPELINE, MODEL)
     detector.warm_up((1, 4))
     assert seen == [1, 4]
 
@@ -120,14 +129,14 @@ def test_warm_up_covers_camera_shapes_where_the_runtime_compiles_per_size(random
     runtime = TorchRuntime(load_model(random_checkpoint("s")))
     seen = []
 
-    class PerSizeRuntime:
+    class PerSizeRuntime(WholeBatchRuntime):
         compiles_per_size = True
 
         def __call__(self, batch):
             seen.append(batch.shape[2:])
             return runtime(batch)
 
-    Detector(PerSizeRuntime(), COCO_PIPELINE.with_padding("minimal"), default_names(80), "s").warm_up((1,))
+    Detector(PerSizeRuntime(), COCO_PIPELINE.with_padding("minimal"), MODEL).warm_up((1,))
     assert sorted(seen) == [(384, 640), (480, 640), (640, 640)]
 
 
@@ -142,7 +151,7 @@ def test_each_image_starts_on_the_runtime_before_the_next_is_decoded(random_chec
             events.append("start")
             return super().add(image)
 
-    class StartingRuntime:
+    class StartingRuntime(WholeBatchRuntime):
         def begin(self, expected):
             events.append(f"begin {expected}")
             return RecordingBatch(runtime)
@@ -150,9 +159,9 @@ def test_each_image_starts_on_the_runtime_before_the_next_is_decoded(random_chec
         def __call__(self, batch):
             return runtime(batch)
 
-    detector = Detector(StartingRuntime(), COCO_PIPELINE, default_names(80), "s")
+    detector = Detector(StartingRuntime(), COCO_PIPELINE, MODEL)
     decode = detector.decode
-    detector.decode = lambda *args: events.append("decode") or decode(*args)
+    detector.decode = lambda *args, **kwargs: events.append("decode") or decode(*args, **kwargs)
     pixels = np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8)
     rows = [{"body": png(pixels)}, {"body": b"not an image"}, {"body": png(pixels[:, ::-1].copy())}]
     responses, timings = detector.handle(rows, [{}] * 3)
@@ -173,15 +182,15 @@ def test_time_waiting_for_a_free_stream_counts_as_inference(random_checkpoint):
             time.sleep(0.2)
             return super().add(image)
 
-    class StreamedRuntime:
+    class StreamedRuntime(WholeBatchRuntime):
         def begin(self, expected):
             return BusyStreams(runtime)
 
         def __call__(self, batch):
             return runtime(batch)
 
-    detector = Detector(StreamedRuntime(), COCO_PIPELINE, default_names(80), "s")
+    detector = Detector(StreamedRuntime(), COCO_PIPELINE, MODEL)
     pixels = np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8)
     responses, timings = detector.handle([{"body": png(pixels)}] * 2, [{}] * 2)
     assert [r.status for r in responses] == [200, 200]
-    assert timings.inference_ms >= 400 and timings.preprocess_ms < 200
+    assert timings.ms["inference"] >= 400 and timings.ms["preprocess"] < 200

@@ -95,7 +95,7 @@ def test_detections_match_super_gradients_predict(tmp_path, model, pipeline):
     params = processing_params(PIPELINES[pipeline], conf=0.15)
     ckpt = read_checkpoint(trainer_checkpoint(tmp_path / "ckpt_best.pth", model, params))
     settings, names = settings_from_checkpoint(ckpt.num_classes, ckpt.variant, ckpt.processing_params)
-    assert names == NAMES and (settings.conf, settings.iou) == (0.15, 0.6)
+    assert names == NAMES and (settings.options.conf, settings.options.iou) == (0.15, 0.6)
     detector = Detector.from_settings(settings, str(tmp_path / "ckpt_best.pth"), names, "finetuned")
     for height, width, seed in ((300, 500, 1), (720, 540, 2)):
         image = photo(height, width, seed)

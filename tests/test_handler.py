@@ -95,7 +95,7 @@ def test_handle_answers_each_item_and_records_metrics(loaded, reference_dir, cap
 def test_handler_settings_come_from_torchserves_config(loaded):
     handler, context, _ = loaded
     assert context.model_yaml_config["handler"]["max_det"] == 123
-    assert handler.detector.defaults.max_det == 123
+    assert handler.detector.settings.options.max_det == 123
 
 
 def test_detector_from_a_model_dir_without_config_file_takes_the_defaults(s_archive, tmp_path):
@@ -105,8 +105,50 @@ def test_detector_from_a_model_dir_without_config_file_takes_the_defaults(s_arch
     (tmp_path / manifest["model"].pop("configFile")).unlink()
     (tmp_path / "MAR-INF" / "MANIFEST.json").write_text(json.dumps(manifest))
     detector = Detector.from_model_dir(tmp_path)
-    assert detector.defaults == HandlerSettings().nms_options()
+    assert detector.settings == HandlerSettings()
     assert detector.pipeline == Pipeline.from_spec(HandlerSettings().pipeline)
+
+
+def test_a_batch_that_raises_is_answered_item_by_item_and_the_worker_lives_on(loaded, monkeypatch):
+    """An unexpected exception must not leave handle(): on a sequence-batching model TorchServe 0.12 would lose the
+    model for good (notes: a failed batch over StreamPredictions2 kills the frontend's worker thread)."""
+    handler, context, _ = loaded
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(handler.detector, "handle", broken)
+    bodies = call(handler, context, [{"body": b"x"}, {"body": b"y"}], [{}, {}])
+    assert [context.get_response_status(i)[0] for i in range(2)] == [500, 500]
+    assert json.loads(bodies[0]) == {"error": "internal error: ZeroDivisionError"}
+
+
+def test_a_tracking_archive_follows_each_sequence(s_archive, tmp_path, reference_dir):
+    """Track ids per sequence id (TorchServe's ts_request_sequence_id header); the id is sent back as a header so
+    an HTTP client learns the one TorchServe made up; a sequence's end frees its tracker."""
+    with zipfile.ZipFile(s_archive) as zf:
+        zf.extractall(tmp_path)
+    manifest = json.loads((tmp_path / "MAR-INF" / "MANIFEST.json").read_text())
+    config = yaml.safe_load((tmp_path / "model-config.yaml").read_text())
+    config.update(sequenceBatching=True, sequenceMaxIdleMSec=1000, maxNumSequence=2)
+    config["handler"].update(tracker="bytetrack", track_activation_threshold=0.3, multi_label=False)
+    metrics = MetricsCacheYamlImpl(str(REPO / "metrics.yaml"))
+    metrics.initialize_cache()
+    context = Context("t", str(tmp_path), manifest, 4, None, "0.12.0", metrics=metrics, model_yaml_config=config)
+    handler = handler_module(tmp_path).YoloNASHandler()
+    handler.initialize(context)
+    trackers = handler.detector.trackers
+    assert trackers.max_sequences == 4 and trackers.idle_s == 1 + 5.0
+    frame = (reference_dir / "images" / "img_a_h480_w640.png").read_bytes()
+    headers = [{"ts_request_sequence_id": "a"}, {"ts_request_sequence_id": "b"}]
+    for _ in range(3):
+        bodies = call(handler, context, [{"body": frame}, {"body": frame}], headers)
+    first, second = (json.loads(body)["detections"] for body in bodies)
+    assert first and [d["track_id"] for d in first] == [d["track_id"] for d in second]  # same frames, own trackers
+    assert max(d["track_id"] for d in first) >= 0  # confirmed after two frames (weak boxes stay untracked: -1)
+    assert context.get_response_headers(0)["ts_request_sequence_id"] == "a"
+    call(handler, context, [{"body": frame}], [{"ts_request_sequence_id": "b", "X-Sequence-End": "true"}])
+    assert "a" in trackers and "b" not in trackers  # b ended with its last frame
 
 
 def test_unknown_handler_settings_fail_at_load():

@@ -9,7 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from yolonas_serving.pipeline import COCO_PIPELINE, BoxTransform, Pipeline, PipelineError, StandardizeImage
+from yolonas_serving.pipeline import COCO_PIPELINE, Pipeline
+from yolonas_serving.steps import BoxTransform, PipelineError, StandardizeImage
 
 SHAPES_PARAMS = {
     "class_names": ["circle", "square", "triangle", "ring_rect"],

@@ -19,10 +19,13 @@ from PIL import Image
 
 from yolonas_serving.decode import DecodeLimits, decode_image
 from yolonas_serving.detector import Detector
-from yolonas_serving.envelope import MAX_DET_LIMIT, parse_options, parse_request
 from yolonas_serving.errors import RequestError
+from yolonas_serving.options import MAX_DET_LIMIT, RequestOptions, parse_options
 from yolonas_serving.pipeline import COCO_PIPELINE, BoxTransform
 from yolonas_serving.postprocess import NMSOptions, select, to_original
+from yolonas_serving.protocol.base import Model
+from yolonas_serving.protocol.request import parse_request
+from yolonas_serving.runtime import WholeBatchRuntime
 
 #  derandomize: the same examples on every run, so the suite is deterministic.
 PROPERTY = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -157,7 +160,7 @@ def nms_cases(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, NMSOptions, 
         pre_nms_top_k=draw(st.integers(1, 1024)),
         max_det=draw(st.integers(1, 400)),
         multi_label=draw(st.booleans()),
-        class_agnostic=draw(st.booleans()),
+        agnostic=draw(st.booleans()),
         classes=None if chosen is None else tuple(sorted(chosen)),
     )
     width, height = draw(st.integers(1, 4000)), draw(st.integers(1, 4000))
@@ -184,7 +187,7 @@ def test_nms_output_is_well_formed(case):
             math.isclose(scores[a, label].item(), score) for a in (boxes == boxes[anchor]).all(dim=1).nonzero()[:, 0]
         )
     overlap = torchvision.ops.box_iou(kept_boxes, kept_boxes)
-    same_group = torch.ones_like(overlap, dtype=torch.bool) if options.class_agnostic else labels[:, None] == labels
+    same_group = torch.ones_like(overlap, dtype=torch.bool) if options.agnostic else labels[:, None] == labels
     off_diagonal = ~torch.eye(n, dtype=torch.bool)
     assert (overlap[same_group & off_diagonal] <= options.iou + 1e-5).all()
 
@@ -225,12 +228,15 @@ CLASS_VALUES = st.one_of(
     st.lists(st.sampled_from(NAMES[:3] + ["12", "unicorn", "²", "٣", "99"]), min_size=1, max_size=3).map(",".join),
 )  # fmt: skip
 OPTION_VALUES = {"conf": ANY_VALUE, "iou": ANY_VALUE, "max_det": ANY_VALUE, "classes": CLASS_VALUES,
-                 "format": st.one_of(st.sampled_from(["json", "jpeg", "JPEG", "png"]), ANY_VALUE)}  # fmt: skip
+                 "format": st.one_of(st.sampled_from(["json", "jpeg", "JPEG", "png"]), ANY_VALUE),
+                 "slice": st.one_of(st.sampled_from(["640", "64x48", "x", "0x64", "off"]), ANY_VALUE),
+                 "overlap": ANY_VALUE, "merge": st.one_of(st.sampled_from(["nms", "NMM", "x"]), ANY_VALUE),
+                 "agnostic": ANY_VALUE}  # fmt: skip
 
 
 @st.composite
 def option_dicts(draw: st.DrawFn) -> dict:
-    """Some of the five options, each valid or hostile, and now and then an unknown one."""
+    """Some of the options, each valid or hostile, and now and then an unknown one."""
     options = {name: draw(values) for name, values in OPTION_VALUES.items() if draw(st.booleans())}
     if draw(st.integers(0, 9)) == 0:
         options[draw(st.text(max_size=6))] = draw(ANY_VALUE)
@@ -241,24 +247,32 @@ VALID_OPTIONS = st.fixed_dictionaries(
     {},
     optional={"conf": st.floats(0, 1), "iou": st.floats(0.01, 1), "max_det": st.integers(1, 400),
               "classes": st.lists(st.sampled_from(NAMES), min_size=1, max_size=5),
-              "format": st.sampled_from(["json", "jpeg"])},
+              "format": st.sampled_from(["json", "jpeg"]),
+              "slice": st.sampled_from(["64", "96x64", "off", 48]), "overlap": st.floats(0, 0.9),
+              "merge": st.sampled_from(["greedynmm", "nmm", "nms"])},
 )  # fmt: skip
 
 
 @settings(PROPERTY, max_examples=300)
-@given(option_dicts(), st.sampled_from([None, "application/json", "image/jpeg", "*/*"]))
-def test_options_are_valid_or_refused(options, accept):
+@given(option_dicts())
+def test_options_are_valid_or_refused(options):
     try:
-        parsed, response_format = parse_options(options, NMSOptions(), NAMES, accept)
+        parsed = parse_options(options, RequestOptions(), NAMES)
     except RequestError as exc:
         assert exc.status == 400 and exc.message.isascii()  # the message becomes an HTTP reason phrase
         return
     assert 0.0 <= parsed.conf <= 1.0 and 0.0 < parsed.iou <= 1.0 and 1 <= parsed.max_det <= MAX_DET_LIMIT
     assert parsed.classes is None or (parsed.classes and set(parsed.classes) <= set(range(len(NAMES))))
-    assert response_format in ("json", "jpeg")
+    assert parsed.format in (None, "json", "jpeg")
+    assert parsed.slice is None or min(parsed.slice) >= 32
 
 
-def fake_runtime(batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+class FakeRuntime(WholeBatchRuntime):
+    def __call__(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return fake_forward(batch)
+
+
+def fake_forward(batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Stands in for the network: boxes anywhere around the input, scores from the pixels (deterministic)."""
     generator = torch.Generator().manual_seed(int(batch.sum() * 1000) % 2**31)
     count, anchors = batch.shape[0], 500
@@ -302,7 +316,7 @@ def request_rows(draw: st.DrawFn) -> tuple[dict, dict]:
 @settings(PROPERTY, max_examples=100, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.lists(request_rows(), min_size=1, max_size=4))
 def test_any_batch_gets_one_well_formed_response_per_request(batch):
-    detector = Detector(runtime=fake_runtime, pipeline=COCO_PIPELINE, names=NAMES, model_name="fake")
+    detector = Detector(FakeRuntime(), COCO_PIPELINE, Model("fake", NAMES))
     rows, headers = [row for row, _ in batch], [h for _, h in batch]
     for row, header in batch:  # the request parser alone also raises nothing but RequestError
         try:

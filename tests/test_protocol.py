@@ -1,4 +1,4 @@
-"""Request shapes, option validation and response rendering."""
+"""The wire formats: request shapes of the plain and v2 protocols, compressed bodies, and the answers each renders."""
 
 from __future__ import annotations
 
@@ -10,21 +10,18 @@ import zlib
 import numpy as np
 import pytest
 
-from yolonas_serving.envelope import (
-    RequestLimits,
-    V2Answer,
-    parse_options,
-    parse_request,
-    render_json,
-    render_json_many,
-    render_v2,
-)
 from yolonas_serving.errors import RequestError
-from yolonas_serving.postprocess import Detections, NMSOptions
+from yolonas_serving.options import RequestOptions
+from yolonas_serving.postprocess import Detections
+from yolonas_serving.protocol.base import ImageResult, Model, RequestLimits
+from yolonas_serving.protocol.plain import JsonAnswer, PictureAnswer
+from yolonas_serving.protocol.request import parse_request
+from yolonas_serving.protocol.v2 import V2Answer, V2Request
 
 IMAGE = b"\x89PNG fake image bytes"
 B64 = base64.b64encode(IMAGE).decode()
 NAMES = ["person", "bicycle", "car"]
+MODEL = Model("yolo_nas_s", NAMES)
 
 
 def test_raw_body():
@@ -62,7 +59,8 @@ def test_kserve_v2_request():
         "parameters": {"conf": 0.3},
     }
     request = parse_request({"body": body})
-    assert request.v2.request_id == "req-1" and request.options == {"conf": 0.3} and not request.many
+    assert isinstance(request, V2Request)
+    assert request.request_id == "req-1" and request.options == {"conf": 0.3} and not request.many
 
 
 @pytest.mark.parametrize(
@@ -91,37 +89,21 @@ def test_malformed_requests(row, headers, message):
         parse_request(row, headers)
 
 
-def test_options_override_defaults_and_names_resolve():
-    options, fmt = parse_options({"conf": "0.5", "iou": 0.6, "max_det": "10", "classes": "car,0"}, NMSOptions(), NAMES)
-    assert (options.conf, options.iou, options.max_det, options.classes) == (0.5, 0.6, 10, (0, 2))
-    assert fmt == "json"
-    assert parse_options({}, NMSOptions(), NAMES, accept="image/jpeg")[1] == "jpeg"
-    assert parse_options({"format": "JPEG"}, NMSOptions(), NAMES)[1] == "jpeg"
-
-
-@pytest.mark.parametrize(
-    "options, message",
-    [
-        ({"conf": -0.1}, "conf must be between 0 and 1"),
-        ({"conf": "high"}, "conf must be a number"),
-        ({"conf": True}, "conf must be a number"),
-        ({"conf": float("nan")}, "NaN"),
-        ({"iou": 1.5}, "iou must be in"),
-        ({"iou": 0}, "iou must be in"),
-        ({"max_det": 10**9}, "max_det must be between"),
-        ({"max_det": 2.5}, "integer"),
-        ({"classes": ["unicorn"]}, "unknown class 'unicorn'"),
-        ({"classes": [7]}, "out of range"),
-        ({"classes": []}, "list of class ids"),
-        ({"format": "png"}, "format must be one of"),
-        ({"confidence": 0.5}, "unknown option"),
-        ({"binary_data_output": True}, "unknown option"),  # reserved v2 names are taken out of v2 requests only
-        ({"agnostic": "maybe"}, "agnostic must be true or false"),
-    ],
-)
-def test_bad_options(options, message):
-    with pytest.raises(RequestError, match=message):
-        parse_options(options, NMSOptions(), NAMES)
+def test_the_answer_is_chosen_once_from_the_request_and_its_options():
+    single = parse_request({"body": IMAGE})
+    assert isinstance(single.answer(RequestOptions()), JsonAnswer)
+    assert isinstance(single.answer(RequestOptions(format="jpeg")), PictureAnswer)
+    accepting = parse_request({"body": IMAGE}, {"Accept": "image/jpeg"})
+    assert isinstance(accepting.answer(RequestOptions()), PictureAnswer)
+    assert isinstance(accepting.answer(RequestOptions(format="json")), JsonAnswer)
+    several = parse_request({"body": {"images": [B64, B64]}})
+    assert several.answer(RequestOptions()).many
+    with pytest.raises(RequestError, match="an annotated picture answers one image"):
+        several.answer(RequestOptions(format="jpeg"))
+    v2 = parse_request({"body": {"inputs": [{"name": "image", "datatype": "BYTES", "data": [B64]}]}})
+    assert isinstance(v2.answer(RequestOptions()), V2Answer)
+    with pytest.raises(RequestError, match="answered with tensors"):
+        v2.answer(RequestOptions(format="jpeg"))
 
 
 DETECTIONS = Detections(
@@ -132,7 +114,7 @@ DETECTIONS = Detections(
 
 
 def test_render_json():
-    body = render_json("yolo_nas_s", DETECTIONS, NAMES, (640, 480))
+    body = json.loads(JsonAnswer().render([ImageResult(DETECTIONS, (640, 480))], MODEL).body)
     assert body == {
         "model": "yolo_nas_s",
         "image_size": [640, 480],
@@ -141,10 +123,10 @@ def test_render_json():
 
 
 def test_render_v2():
-    body, headers = render_v2("yolo_nas_s", [(DETECTIONS, (640, 480))], NAMES, V2Answer("req-1", None))
-    body = json.loads(body)
+    response = V2Answer("req-1", None).render([ImageResult(DETECTIONS, (640, 480))], MODEL)
+    body = json.loads(response.body)
     outputs = {o["name"]: o for o in body["outputs"]}
-    assert headers == {"content-type": "application/json"}
+    assert response.content_type == "application/json" and response.headers == {}
     assert body["id"] == "req-1" and body["parameters"]["image_size"] == [640, 480]
     assert list(outputs) == ["boxes", "scores", "class_ids", "class_names"]
     assert outputs["boxes"]["shape"] == [1, 4] and outputs["boxes"]["data"] == [1.23, 2.0, 30.0, 40.5]
@@ -167,11 +149,11 @@ def test_binary_extension_input_and_reserved_parameters():
     request = parse_request({"body": bytearray(body)}, {**headers, "body": {"content-type": ""}})
     assert request.images == [IMAGE, b"other"] and request.many
     assert request.options == {"conf": 0.4}  # reserved parameters are not options
-    assert request.v2.binary_default and request.v2.outputs is None
+    assert request.binary_default and request.outputs is None
     outputs = [{"name": "scores", "parameters": {"binary_data": False, "classification": 0}}, {"name": "boxes"}]
     body, headers = v2_binary_body([IMAGE], {"triton_enable_empty_final_response": True}, outputs)
     request = parse_request({"body": body}, headers)
-    assert request.options == {} and request.v2.outputs == {"scores": False, "boxes": False} and not request.many
+    assert request.options == {} and request.outputs == {"scores": False, "boxes": False} and not request.many
 
 
 @pytest.mark.parametrize("encoding, compress", [("gzip", gzip.compress), ("Deflate", zlib.compress)])
@@ -213,16 +195,17 @@ def test_several_images_each_judged_alone():
 
 def test_render_many_json_and_v2_binary():
     failed = RequestError("not an image", status=400)
-    results = [(DETECTIONS, (640, 480)), failed]
-    assert render_json_many("m", results, NAMES) == {
-        "model": "m",
-        "results": [{k: v for k, v in render_json("m", DETECTIONS, NAMES, (640, 480)).items() if k != "model"},
-                    {"error": "not an image", "status": 400}],
-    }  # fmt: skip
-    body, headers = render_v2("m", results, NAMES, V2Answer(None, None, binary_default=True), many=True)
-    size = int(headers["Inference-Header-Content-Length"])
+    results = [ImageResult(DETECTIONS, (640, 480)), failed]
+    single = json.loads(JsonAnswer().render(results[:1], MODEL).body)
+    assert json.loads(JsonAnswer(many=True).render(results, MODEL).body) == {
+        "model": "yolo_nas_s",
+        "results": [{k: v for k, v in single.items() if k != "model"}, {"error": "not an image", "status": 400}],
+    }
+    response = V2Answer(None, None, binary_default=True, many=True).render(results, MODEL)
+    body = response.body
+    size = int(response.headers["Inference-Header-Content-Length"])
     header, raw = json.loads(body[:size]), body[size:]
-    assert headers["content-type"] == "application/octet-stream"
+    assert response.content_type == "application/octet-stream"
     shapes = {o["name"]: o["shape"] for o in header["outputs"]}
     assert shapes == {"boxes": [2, 1, 4], "scores": [2, 1], "class_ids": [2, 1], "class_names": [2, 1],
                       "num_detections": [2], "image_sizes": [2, 2], "errors": [2]}  # fmt: skip
@@ -239,9 +222,34 @@ def test_render_many_json_and_v2_binary():
     assert tensors["errors"] == b"\x00\x00\x00\x00\x0c\x00\x00\x00not an image"
 
 
-def test_agnostic_option():
-    assert parse_options({"agnostic": "true"}, NMSOptions(), NAMES)[0].class_agnostic
-    assert not parse_options({"agnostic": False}, NMSOptions(class_agnostic=True), NAMES)[0].class_agnostic
+def test_tracked_detections_carry_track_ids_in_json_and_v2():
+    tracked = Detections(DETECTIONS.boxes, DETECTIONS.scores, DETECTIONS.class_ids, np.array([7]))
+    body = json.loads(JsonAnswer().render([ImageResult(tracked, (640, 480))], MODEL).body)
+    assert body["detections"][0]["track_id"] == 7
+    assert (
+        "track_id"
+        not in json.loads(JsonAnswer().render([ImageResult(DETECTIONS, (640, 480))], MODEL).body)["detections"][0]
+    )
+    outputs = {
+        o["name"]: o
+        for o in json.loads(V2Answer(None, None).render([ImageResult(tracked, (9, 9))], MODEL).body)["outputs"]
+    }
+    assert outputs["track_ids"] == {"name": "track_ids", "datatype": "INT64", "shape": [1], "data": [7]}
+    many = V2Answer(None, None, many=True).render(
+        [ImageResult(tracked, (9, 9)), ImageResult(Detections.empty(), (9, 9))], MODEL
+    )
+    outputs = {o["name"]: o for o in json.loads(many.body)["outputs"]}
+    assert outputs["track_ids"]["shape"] == [2, 1] and outputs["track_ids"]["data"] == [7, -1]
+
+
+def test_options_come_from_every_request_shape_under_one_name():
+    """Headers for raw bodies, form fields, JSON keys and v2 parameters all give the same raw options."""
+    want = {"slice": "640", "overlap": "0.3"}
+    assert parse_request({"body": IMAGE}, {"X-Slice": "640", "x-overlap": "0.3"}).options == want
+    assert parse_request({"data": IMAGE, "slice": b"640", "overlap": b"0.3"}).options == want
+    assert parse_request({"body": {"image": B64, **want}}).options == want
+    v2 = {"inputs": [{"name": "image", "datatype": "BYTES", "data": [B64]}], "parameters": want}
+    assert parse_request({"body": v2}).options == want
 
 
 def test_a_body_of_empty_binary_elements_stops_at_the_image_limit():

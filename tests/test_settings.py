@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from yolonas_serving.pipeline import PipelineError
+from yolonas_serving.backends import BACKENDS
+from yolonas_serving.options import RequestOptions
 from yolonas_serving.settings import (
-    HANDLER_RULES,
-    MINIMAL_PADDING_BACKENDS,
+    HANDLER_KEYS,
     HandlerSettings,
     SettingsError,
     check_model_config,
     settings_from_checkpoint,
 )
+from yolonas_serving.steps import PipelineError
 from yolonas_tools.build import archive
 from yolonas_tools.cli import run_command
 
@@ -25,12 +26,16 @@ from yolonas_tools.cli import run_command
 @pytest.mark.parametrize(
     "section, message",
     [
-        ({"conf": "0.3"}, "conf: got '0.3' (str), allowed: a number from 0 to 1"),
-        ({"max_det": 0}, "max_det: got 0 (int), allowed: an integer from 1 to 10000"),
-        ({"multi_label": 1}, "multi_label: got 1 (int), allowed: true or false"),
-        ({"torch_threads": 2.0}, "torch_threads: got 2.0 (float), allowed: an integer"),
+        ({"conf": "0.3"}, "conf: got '0.3'; allowed: a number in [0, 1]"),
+        ({"max_det": 0}, "max_det: got 0; allowed: an integer in [1, 10000]"),
+        ({"multi_label": 1}, "multi_label: got 1; allowed: true or false"),
+        ({"torch_threads": 2.0}, "torch_threads: got 2.0; allowed: an integer in [0, 1024]"),
         ({"conf": float("nan")}, "conf: got nan"),
         ({"confidence": 0.5, "jpeg_draft": "no"}, "unknown keys ['confidence']; jpeg_draft: got 'no'"),
+        ({"tracker": "deepsort"}, "tracker: got 'deepsort'; allowed: one of off, bytetrack"),
+        ({"lost_track_buffer": 60}, "tracker parameters ['lost_track_buffer'] need a tracker"),
+        ({"tracker": "sort", "high_conf_det_threshold": 0.5}, "tracker sort: unknown parameters"),
+        ({"tracker": "bytetrack", "frame_rate": -1}, "frame_rate: got -1"),
     ],
 )
 def test_the_worker_refuses_wrong_types_and_ranges(section, message):
@@ -38,15 +43,22 @@ def test_the_worker_refuses_wrong_types_and_ranges(section, message):
         HandlerSettings.from_config(section)
 
 
-def test_every_field_has_a_rule_and_defaults_pass_it():
-    assert set(HANDLER_RULES) == set(HandlerSettings.__dataclass_fields__)
+def test_every_key_has_a_kind_and_the_defaults_pass_it():
+    fields = set(HandlerSettings.__dataclass_fields__) - {"options", "tracker_parameters"}
+    assert set(HANDLER_KEYS) == fields
     assert HandlerSettings.from_config(HandlerSettings().as_config()) == HandlerSettings()
-    assert HandlerSettings.from_config({"conf": 1, "class_agnostic": True}).nms_options().class_agnostic
+    settings = HandlerSettings.from_config({"conf": 1, "agnostic": True, "slice": "640x480", "tracker": "bytetrack",
+                                            "lost_track_buffer": 60})  # fmt: skip
+    assert settings.options == RequestOptions(conf=1.0, agnostic=True, slice=(640, 480))
+    assert settings.tracker_settings().arguments()["lost_track_buffer"] == 60
+    assert HandlerSettings.from_config(settings.as_config()) == settings
 
 
 def test_model_keys_are_checked_too():
-    with pytest.raises(SettingsError, match="responseTimeout: got '60' \\(str\\)"):
+    with pytest.raises(SettingsError, match="responseTimeout: got '60'; allowed: an integer"):
         check_model_config({"responseTimeout": "60"})
+    with pytest.raises(SettingsError, match="tracker bytetrack needs sequenceBatching: true"):
+        check_model_config({"handler": {"tracker": "bytetrack"}})
     with pytest.raises(SettingsError, match="minWorkers 3 is above maxWorkers 2"):
         check_model_config({"minWorkers": 3, "maxWorkers": 2})
     with pytest.raises(SettingsError, match="unknown keys \\['maxWorker'\\]"):
@@ -68,10 +80,12 @@ def run_archive(random_checkpoint, tmp_path: Path, capsys, *flags: str) -> str:
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--set", 'conf="0.3"'], "conf: got '0.3' (str), allowed: a number from 0 to 1"),
-        (["--set", "maxWorkers=0"], "maxWorkers: got 0 (int), allowed: an integer from 1 to 64"),
-        (["--max-batch-delay", "0"], "maxBatchDelay: got 0 (int), allowed: an integer from 1 to 60000 (TorchServe"),
-        (["--set", "handler.max_det=lots"], "max_det: got 'lots' (str)"),
+        (["--set", 'conf="0.3"'], "conf: got '0.3'; allowed: a number in [0, 1]"),
+        (["--set", "maxWorkers=0"], "maxWorkers: got 0; allowed: an integer in [1, 64]"),
+        (["--max-batch-delay", "0"], "maxBatchDelay: got 0; allowed: an integer in [1, 60000] (TorchServe"),
+        (["--set", "handler.max_det=lots"], "max_det: got 'lots'"),
+        (["--set", "slice=16"], "slice: got 16; allowed: off, or a tile size"),
+        (["--set", "tracker=bytetrack", "--set", "frame_rate=0"], "frame_rate: got 0"),
         (["--set", "confidence=0.3"], "unknown key 'confidence'; handler keys: variant"),
         (["--set", "conf"], "expected KEY=VALUE"),
         (["--set", "backend=onnx"], "backend is fixed by what the archive stores; set it with --backend"),
@@ -85,7 +99,7 @@ def test_archive_refuses_bad_settings_naming_key_value_and_range(random_checkpoi
 def test_archive_refuses_a_bad_handler_config_file_or_version(random_checkpoint, tmp_path, capsys):
     config = tmp_path / "settings.yaml"
     config.write_text(yaml.safe_dump({"batchSize": 2, "handler": {"conf": "0.3"}}))
-    assert "conf: got '0.3' (str)" in run_archive(random_checkpoint, tmp_path, capsys, "--handler-config", str(config))
+    assert "conf: got '0.3'" in run_archive(random_checkpoint, tmp_path, capsys, "--handler-config", str(config))
     assert run_archive(random_checkpoint, tmp_path, capsys, "--version", "v 2") == "2"  # argparse's usage error
     assert "--version 'v 2': letters, digits" in capsys.readouterr().err
 
@@ -93,11 +107,11 @@ def test_archive_refuses_a_bad_handler_config_file_or_version(random_checkpoint,
 def test_read_overrides_file_then_set(tmp_path):
     config = tmp_path / "settings.yaml"
     config.write_text(yaml.safe_dump({"maxWorkers": 2, "handler": {"conf": 0.5, "max_det": 50}}))
-    overrides = archive.read_overrides(config, ["conf=0.4", "handler.class_agnostic=true", "responseTimeout=30"])
+    overrides = archive.read_overrides(config, ["conf=0.4", "handler.agnostic=true", "responseTimeout=30"])
     assert overrides == {
         "maxWorkers": 2,
         "responseTimeout": 30,
-        "handler": {"conf": 0.4, "max_det": 50, "class_agnostic": True},
+        "handler": {"conf": 0.4, "max_det": 50, "agnostic": True},
     }
 
 
@@ -108,7 +122,7 @@ def step_names(settings: HandlerSettings) -> list[str]:
 def test_padding_defaults_to_minimal_for_the_backends_that_trade_exactness_for_speed():
     fixed = step_names(settings_from_checkpoint(80, "s", None)[0])
     assert fixed[:2] == ["DetectionLongestMaxSizeRescale", "DetectionCenterPadding"]
-    for backend in MINIMAL_PADDING_BACKENDS:
+    for backend in (name for name, row in BACKENDS.items() if row.minimal_padding):
         settings, _ = settings_from_checkpoint(80, "s", None, backend=backend)
         assert step_names(settings)[:2] == ["DetectionLongestMaxSizeRescale", "DetectionCenterAutoPadding"], backend
         assert settings.preprocessing_source.endswith(f"minimal padding (the default for backend {backend})")
@@ -125,3 +139,15 @@ def test_padding_defaults_to_minimal_for_the_backends_that_trade_exactness_for_s
     # Asking it for fixed-size padding, which it does not have, fails instead of passing quietly.
     with pytest.raises(PipelineError, match="no fixed-size padding"):
         settings_from_checkpoint(80, "s", already, padding="fixed", backend="int8")
+
+
+def test_a_tracker_implies_sequence_batching_and_one_box_per_object():
+    settings, names = settings_from_checkpoint(80, "s", None)
+    spec = archive.ArchiveSpec("s", "tracked", settings, names, overrides={"handler": {"tracker": "bytetrack"}})
+    config = archive.model_config(spec)
+    assert config["sequenceBatching"] is True and config["maxNumSequence"] == archive.MAX_NUM_SEQUENCE
+    assert config["handler"]["tracker"] == "bytetrack" and config["handler"]["multi_label"] is False
+    spec.overrides = {"handler": {"tracker": "bytetrack", "multi_label": True}}
+    assert archive.model_config(spec)["handler"]["multi_label"] is True  # asked for: kept
+    spec.overrides = {}
+    assert "sequenceBatching" not in archive.model_config(spec)

@@ -12,13 +12,16 @@ import torch
 from PIL import Image
 
 from yolonas_serving.detector import Detector
-from yolonas_serving.envelope import RequestLimits
 from yolonas_serving.pipeline import COCO_PIPELINE
+from yolonas_serving.protocol.base import Model
+from yolonas_serving.runtime import WholeBatchRuntime
+from yolonas_serving.settings import HandlerSettings
 
 NAMES = [f"class{i}" for i in range(80)]
+MODEL = Model("fake", NAMES)
 
 
-class PerImageRuntime:
+class PerImageRuntime(WholeBatchRuntime):
     """Stands in for the network: each image's outputs depend on that image alone; records batch sizes."""
 
     def __init__(self) -> None:
@@ -48,7 +51,7 @@ def b64(data: bytes) -> str:
 
 def test_images_of_several_requests_share_one_forward_pass_and_match_single_answers():
     runtime = PerImageRuntime()
-    detector = Detector(runtime=runtime, pipeline=COCO_PIPELINE, names=NAMES, model_name="fake")
+    detector = Detector(runtime, COCO_PIPELINE, MODEL)
     a, b, c = png(1, (320, 240)), png(2, (200, 300)), png(3, (640, 480))
     rows = [
         {"body": {"images": [b64(a), b64(b"not an image"), b64(b)], "conf": 0.3}},
@@ -70,8 +73,8 @@ def test_images_of_several_requests_share_one_forward_pass_and_match_single_answ
 
 
 def test_limits_on_images_and_bytes_refuse_the_whole_request():
-    detector = Detector(runtime=PerImageRuntime(), pipeline=COCO_PIPELINE, names=NAMES, model_name="fake",
-                        request_limits=RequestLimits(max_images=2, max_bytes=10_000_000))  # fmt: skip
+    settings = HandlerSettings(max_images_per_request=2, max_request_bytes=10_000_000)
+    detector = Detector(PerImageRuntime(), COCO_PIPELINE, MODEL, settings)
     image = b64(png(1, (64, 64)))
     responses, _ = detector.handle([{"body": {"images": [image] * 3}}, {"body": {"images": [image] * 2}}], [{}, {}])
     assert responses[0].status == 413 and "3 images in one request; at most 2" in responses[0].error
@@ -79,7 +82,7 @@ def test_limits_on_images_and_bytes_refuse_the_whole_request():
 
 
 def test_an_annotated_picture_answers_one_image():
-    detector = Detector(runtime=PerImageRuntime(), pipeline=COCO_PIPELINE, names=NAMES, model_name="fake")
+    detector = Detector(PerImageRuntime(), COCO_PIPELINE, MODEL)
     image = b64(png(1, (64, 64)))
     responses, _ = detector.handle([{"body": {"images": [image] * 2, "format": "jpeg"}}], [{}])
     assert responses[0].status == 400 and "annotated picture answers one image" in responses[0].error
@@ -87,7 +90,7 @@ def test_an_annotated_picture_answers_one_image():
 
 def test_a_v2_request_is_never_answered_with_a_picture():
     """v2 clients (the OIP gRPC route included) need tensors back: format=jpeg is refused, Accept is ignored."""
-    detector = Detector(runtime=PerImageRuntime(), pipeline=COCO_PIPELINE, names=NAMES, model_name="fake")
+    detector = Detector(PerImageRuntime(), COCO_PIPELINE, MODEL)
     tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(png(1, (64, 64)))]}
     rows = [{"body": {"inputs": [tensor], "parameters": {"format": "jpeg"}}}, {"body": {"inputs": [tensor]}}]
     responses, _ = detector.handle(rows, [{}, {"Accept": "image/jpeg"}])

@@ -150,23 +150,23 @@ def random_detections(rng: np.random.Generator, count: int, classes: int, coarse
     return detections(boxes[order], scores[order], class_ids[order])
 
 
-def sahi_merge(found: Detections, method: str, metric: str, threshold: float, class_agnostic: bool) -> Detections:
+def sahi_merge(found: Detections, method: str, metric: str, threshold: float, agnostic: bool) -> Detections:
     postprocess = SAHI_POSTPROCESS[method](
-        match_threshold=threshold, match_metric=metric.upper(), class_agnostic=class_agnostic
+        match_threshold=threshold, match_metric=metric.upper(), class_agnostic=agnostic
     )
     return from_sahi(postprocess(to_sahi(found)))
 
 
-@pytest.mark.parametrize("class_agnostic", [False, True])
+@pytest.mark.parametrize("agnostic", [False, True])
 @pytest.mark.parametrize("threshold", [0.3, 0.5, 0.8])
 @pytest.mark.parametrize("metric", MATCH_METRICS)
 @pytest.mark.parametrize("method", MERGE_METHODS)
-def test_merge_matches_sahi(method, metric, threshold, class_agnostic):
+def test_merge_matches_sahi(method, metric, threshold, agnostic):
     rng = np.random.default_rng([MERGE_METHODS.index(method), MATCH_METRICS.index(metric), int(threshold * 10)])
     for trial in range(12):
         found = random_detections(rng, int(rng.integers(20, 150)), classes=int(rng.integers(1, 4)), coarse=trial % 2)
-        merged = merge(found, method, metric, threshold, class_agnostic)
-        assert_same(merged, sahi_merge(found, method, metric, threshold, class_agnostic))
+        merged = merge(found, method, metric, threshold, agnostic)
+        assert_same(merged, sahi_merge(found, method, metric, threshold, agnostic))
         assert len(merged) < len(found)
 
 
@@ -190,7 +190,7 @@ def test_greedy_merge_by_hand():
     assert merged.boxes.tolist() == [[0, 0, 15, 10], [0, 0, 10, 10], [50, 50, 60, 60]]
     assert merged.scores.tolist() == pytest.approx([0.9, 0.7, 0.6])
     # One class: the union of all, the best score, the best one's class.
-    merged = merge(found, class_agnostic=True)
+    merged = merge(found, agnostic=True)
     assert merged.boxes.tolist() == [[0, 0, 15, 10], [50, 50, 60, 60]] and merged.class_ids.tolist() == [0, 0]
 
 
@@ -203,16 +203,16 @@ def test_a_member_that_no_longer_matches_the_grown_box_is_dropped():
     assert_same(merged, sahi_merge(found, "greedynmm", "iou", 0.5, False))
 
 
-def test_class_agnostic_merge_takes_the_class_of_a_tied_member():
+def test_agnostic_merge_takes_the_class_of_a_tied_member():
     found = detections([[0, 0, 10, 10], [1, 0, 10, 10]], [0.8, 0.8], [3, 5])
-    assert merge(found, class_agnostic=True).class_ids.tolist() == [5]
-    assert_same(merge(found, class_agnostic=True), sahi_merge(found, "greedynmm", "ios", 0.5, True))
+    assert merge(found, agnostic=True).class_ids.tolist() == [5]
+    assert_same(merge(found, agnostic=True), sahi_merge(found, "greedynmm", "ios", 0.5, True))
 
 
 def test_merge_of_nothing_and_bad_arguments():
     for method in MERGE_METHODS:
-        for class_agnostic in (False, True):
-            merged = merge(Detections.empty(), method, class_agnostic=class_agnostic)
+        for agnostic in (False, True):
+            merged = merge(Detections.empty(), method, agnostic=agnostic)
             assert len(merged) == 0 and merged.boxes.shape == (0, 4) and merged.boxes.dtype == np.float32
     one = detections([[0, 0, 1, 1]], [0.5], [0])
     for kwargs in ({"method": "lsnms"}, {"metric": "giou"}, {"threshold": 0.0}, {"threshold": 1.5}):
@@ -341,7 +341,7 @@ def test_sliced_prediction_matches_sahi(size, tile, overlap, confidence):
 def test_sliced_prediction_matches_sahi_with_other_settings():
     scene = Scene(np.random.default_rng(3), 1300, 1000, count=80, classes=2)
     model = SceneModel(scene, confidence_threshold=0.3)
-    for method, metric, threshold, class_agnostic in [("nmm", "iou", 0.3, True), ("nms", "ios", 0.8, False)]:
+    for method, metric, threshold, agnostic in [("nmm", "iou", 0.3, True), ("nms", "ios", 0.8, False)]:
         result = get_sliced_prediction(
             scene.image,
             model,
@@ -350,7 +350,7 @@ def test_sliced_prediction_matches_sahi_with_other_settings():
             postprocess_type=method.upper(),
             postprocess_match_metric=metric.upper(),
             postprocess_match_threshold=threshold,
-            postprocess_class_agnostic=class_agnostic,
+            postprocess_class_agnostic=agnostic,
             verbose=0,
         )
         ours = sliced(
@@ -361,6 +361,6 @@ def test_sliced_prediction_matches_sahi_with_other_settings():
             method=method,
             metric=metric,
             threshold=threshold,
-            class_agnostic=class_agnostic,
+            agnostic=agnostic,
         )
         assert_same(ours, from_sahi(result.object_prediction_list))

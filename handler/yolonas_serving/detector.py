@@ -1,4 +1,5 @@
-"""The serving chain, free of TorchServe: request -> decode -> preprocess -> batch -> runtime -> NMS -> response.
+"""The serving chain, free of TorchServe: request -> decode -> preprocess (whole image, or its tiles) -> runtime
+batch -> NMS (and the tiles' merge) -> tracking -> answer.
 
 A TorchServe handler, a CLI or an in-process validator all drive the same :class:`Detector`.
 """
@@ -6,7 +7,7 @@ A TorchServe handler, a CLI or an in-process validator all drive the same :class
 from __future__ import annotations
 
 import json
-import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,74 +15,56 @@ from typing import Any
 import numpy as np
 import yaml
 
+from .backends import BACKENDS, Backend, build_runtime
 from .classes import load_names
 from .decode import DecodedImage, DecodeLimits, decode_image
-from .draw import draw_detections, encode_jpeg
-from .envelope import (
-    ImageRequest,
-    ImageResult,
-    ParsedRequest,
-    RequestLimits,
-    parse_options,
-    parse_request,
-    render_json,
-    render_json_many,
-    render_v2,
-)
 from .errors import RequestError
-from .pipeline import BoxTransform, Pipeline
-from .postprocess import Detections, NMSOptions, postprocess
-from .runtime import Forward, RuntimeBatch, begin_batch, build_runtime
+from .options import RequestOptions, parse_options
+from .pipeline import Pipeline
+from .postprocess import Detections, NMSOptions, select, to_original
+from .protocol.base import Answer, ImageResult, Model, ParsedRequest, Response, Result, error_response
+from .protocol.request import parse_request
+from .runtime import Runtime, RuntimeBatch
 from .settings import HandlerSettings
+from .slicing import Tile, full_pass_needed, gather, merge, postprocess_for, tile_grid
+from .steps import BoxTransform
+from .timing import Timings
+from .tracking import SequenceTrackers
 
 #  (height, width) of the grey pictures :meth:`Detector.warm_up` runs.
 WARM_UP_SHAPES = ((480, 640), (720, 1280), (640, 640))
 
 
 @dataclass
-class Prepared:
-    """One decoded, preprocessed request, waiting for the forward pass."""
+class NetworkInput:
+    """One forward's input: the image, or one of its tiles, preprocessed; its slot in the runtime batch."""
 
     tensor: np.ndarray  # [3, h, w] float32
-    transform: BoxTransform
-    options: NMSOptions
-    response_format: str
-    image: np.ndarray | None = None  # kept only when the response is a picture
-    slot: int = -1  # its place in the runtime batch once started
+    transform: BoxTransform  # back to the pixels of what was preprocessed (the image, or the tile)
+    slot: int = -1
 
 
 @dataclass
-class Response:
-    body: str | bytes
-    status: int = 200
-    content_type: str = "application/json"
-    error: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)  # more response headers (the v2 binary extension's)
+class Prepared:
+    """One decoded image waiting for its forward passes: one input, or one per tile (then the whole image's when
+    sahi would add it)."""
 
-
-@dataclass
-class Timings:
-    preprocess_ms: float = 0.0
-    inference_ms: float = 0.0
-    postprocess_ms: float = 0.0
-    detections: list[int] = field(default_factory=list)
-
-
-def error_response(exc: RequestError) -> Response:
-    return Response(json.dumps({"error": exc.message}), status=exc.status, error=exc.message)
+    inputs: list[NetworkInput]
+    options: RequestOptions
+    nms: NMSOptions
+    size: tuple[int, int]  # (width, height) of the original image
+    tiles: list[Tile] | None = None  # sliced: the tiles, in the order of ``inputs``
+    pixels: np.ndarray | None = None  # kept only when the answer draws on it
 
 
 @dataclass
 class Detector:
-    runtime: Forward
+    runtime: Runtime
     pipeline: Pipeline
-    names: list[str]
-    model_name: str
-    model_version: str = ""
-    defaults: NMSOptions = NMSOptions()
-    limits: DecodeLimits = DecodeLimits()
-    jpeg_draft: bool = True  # decode large JPEGs at reduced size when the pipeline shrinks them anyway
-    request_limits: RequestLimits = RequestLimits()
+    model: Model
+    settings: HandlerSettings = field(default_factory=HandlerSettings)
+    backend: Backend = BACKENDS["torch"]  # the row that runs (auto resolved)
+    trackers: SequenceTrackers | None = None
 
     @classmethod
     def from_settings(
@@ -92,20 +75,12 @@ class Detector:
         model_name: str,
         device: str = "cpu",
         model_version: str = "",
+        trackers: SequenceTrackers | None = None,
     ) -> Detector:
         """The detector an archive describes (its handler settings, weights file and class names)."""
-        runtime = build_runtime(settings.backend, weights, settings.variant, settings.num_classes, device)
-        return cls(
-            runtime=runtime,
-            pipeline=Pipeline.from_spec(settings.pipeline),
-            names=names,
-            model_name=model_name,
-            model_version=model_version,
-            defaults=settings.nms_options(),
-            limits=settings.decode_limits(),
-            jpeg_draft=settings.jpeg_draft,
-            request_limits=settings.request_limits(),
-        )
+        runtime, backend = build_runtime(settings.backend, weights, settings.variant, settings.num_classes, device)
+        pipeline = Pipeline.from_spec(settings.pipeline)
+        return cls(runtime, pipeline, Model(model_name, names, model_version), settings, backend, trackers)
 
     @classmethod
     def from_model_dir(
@@ -114,6 +89,7 @@ class Detector:
         device: str = "cpu",
         model_name: str | None = None,
         settings: HandlerSettings | None = None,
+        trackers: SequenceTrackers | None = None,
     ) -> Detector:
         """The detector an extracted archive describes, as a TorchServe worker builds it: the weights file, name and
         version its MAR-INF/MANIFEST.json names, its class names and ``settings``, by default the ``handler:``
@@ -128,132 +104,159 @@ class Detector:
         names = load_names(folder, settings.num_classes)
         weights = str(folder / manifest["serializedFile"])
         version = str(manifest.get("modelVersion", ""))
-        return cls.from_settings(settings, weights, names, model_name or manifest["modelName"], device, version)
+        name = model_name or manifest["modelName"]
+        return cls.from_settings(settings, weights, names, name, device, version, trackers)
 
-    def decode(self, data: bytes, response_format: str = "json") -> DecodedImage:
-        """Decode within the archive's limits; at reduced size where allowed (never for annotated pictures)."""
-        draft_side = self.pipeline.shrinks_to if self.jpeg_draft and response_format == "json" else None
-        return decode_image(data, self.limits, min_longest_side=draft_side)
+    @property
+    def names(self) -> list[str]:
+        return self.model.names
 
-    def prepare(self, request: ImageRequest, accept: str | None = None) -> Prepared:
-        options, response_format = parse_options(request.options, self.defaults, self.names, accept)
-        return self.prepare_image(request.image, options, response_format)
+    def decode(self, data: bytes, full_resolution: bool = False) -> DecodedImage:
+        """Decode within the archive's limits; at reduced size where allowed (never for annotated pictures or
+        tiles, which need every pixel)."""
+        draft_side = self.pipeline.shrinks_to if self.settings.jpeg_draft and not full_resolution else None
+        limits = DecodeLimits(self.settings.max_image_bytes, self.settings.max_image_pixels)
+        return decode_image(data, limits, min_longest_side=draft_side)
 
-    def prepare_image(self, data: bytes, options: NMSOptions, response_format: str) -> Prepared:
-        image = self.decode(data, response_format)
-        tensor, transform = self.pipeline(image.pixels, image.original_size)
-        keep = image.pixels if response_format == "jpeg" else None
-        return Prepared(tensor, transform, options, response_format, keep)
+    def prepare(self, data: bytes, options: RequestOptions | Mapping[str, Any] | None = None,
+                keep_pixels: bool = False) -> Prepared:  # fmt: skip
+        """One image with its options (checked here when given raw, by name), decoded and preprocessed; the tiles'
+        inputs too when ``slice`` is set."""
+        if not isinstance(options, RequestOptions):
+            options = parse_options(options or {}, self.settings.options, self.names)
+        sliced = options.slice is not None
+        image = self.decode(data, full_resolution=keep_pixels or sliced)
+        item = Prepared([], options, options.nms(self.settings.pre_nms_top_k, self.settings.multi_label),
+                        image.original_size, pixels=image.pixels if keep_pixels else None)  # fmt: skip
+        if not sliced:
+            item.inputs.append(NetworkInput(*self.pipeline(image.pixels, image.original_size)))
+            return item
+        height, width = image.pixels.shape[:2]
+        item.tiles = tile_grid(width, height, *options.slice, options.overlap)
+        if len(item.tiles) > self.settings.max_tiles:
+            raise RequestError(
+                f"slice {options.slice[0]}x{options.slice[1]} cuts this {width}x{height} image into {len(item.tiles)} "
+                f"tiles; at most {self.settings.max_tiles} (max_tiles): send a larger slice",
+                status=413,
+            )
+        for x0, y0, x1, y1 in item.tiles:
+            item.inputs.append(NetworkInput(*self.pipeline(image.pixels[y0:y1, x0:x1])))
+        if full_pass_needed(item.tiles) and options.standard_pred:
+            item.inputs.append(NetworkInput(*self.pipeline(image.pixels)))
+        return item
 
-    def _prepare_request(
-        self, parsed: ParsedRequest, accept: str | None, batch: RuntimeBatch, timings: Timings
-    ) -> list[Prepared | RequestError]:
-        """Options hold for the whole request; each image is decoded alone, may fail alone, and starts on the
-        runtime as soon as it is ready. Starting it waits while every stream is busy: that counts as inference."""
-        if parsed.v2 is not None:
-            accept = None  # a v2 client may accept anything; its answer is always v2 tensors
-        options, response_format = parse_options(parsed.options, self.defaults, self.names, accept)
-        if parsed.many and response_format == "jpeg":
-            raise RequestError("an annotated picture answers one image; send several images for JSON answers")
-        if parsed.v2 is not None and response_format == "jpeg":
-            raise RequestError("a v2 request is answered with tensors; ask for an annotated picture without v2")
-        items: list[Prepared | RequestError] = []
-        for data in parsed.images:
-            try:
-                if isinstance(data, RequestError):
-                    raise data
-                item = self.prepare_image(data, options, response_format)
-            except RequestError as exc:
-                items.append(exc)
-                continue
-            started = time.perf_counter()
-            item.slot = batch.add(item.tensor)
-            timings.inference_ms += (time.perf_counter() - started) * 1000
-            items.append(item)
-        if not parsed.many and isinstance(items[0], RequestError):
-            raise items[0]
-        return items
+    def start(self, item: Prepared, batch: RuntimeBatch, timings: Timings) -> None:
+        """Put an image's inputs into the runtime batch (started at once where the runtime runs asynchronously)."""
+        with timings.stage("inference"):
+            batch.expect(len(item.inputs) - 1)  # the batch counted the image as one
+            for network_input in item.inputs:
+                network_input.slot = batch.add(network_input.tensor)
 
-    def _finish(self, batch: RuntimeBatch, item: Prepared, timings: Timings) -> Detections:
-        """Wait for one image's outputs and turn them into its detections."""
-        start = time.perf_counter()
-        boxes, scores = batch.result(item.slot)
-        middle = time.perf_counter()
-        (found,) = postprocess(boxes, scores, [item.transform], [item.options])
-        timings.inference_ms += (middle - start) * 1000
-        timings.postprocess_ms += (time.perf_counter() - middle) * 1000
-        timings.detections.append(len(found))
-        return found
+    def finish(self, item: Prepared, batch: RuntimeBatch, timings: Timings) -> Detections:
+        """Wait for an image's outputs and turn them into its detections: NMS per input, and for a sliced image the
+        tiles' detections moved onto the image and merged as sahi merges them, then ``max_det`` of the merge."""
+        with timings.stage("inference"):
+            outputs = [batch.result(network_input.slot) for network_input in item.inputs]
+        with timings.stage("postprocess"):
+            found = [
+                to_original(*select(boxes[0], scores[0], item.nms), network_input.transform)
+                for network_input, (boxes, scores) in zip(item.inputs, outputs)
+            ]
+            if item.tiles is None:
+                detections = found[0]
+            else:
+                count = len(item.tiles)
+                gathered = gather(item.tiles, found[:count], found[count] if len(found) > count else None)
+                options = item.options
+                method, metric = postprocess_for(options.conf, options.merge, options.match_metric)
+                merged = merge(gathered, method, metric, options.match_threshold, options.agnostic)
+                detections = merged.first(options.max_det)
+        timings.detections.append(len(detections))
+        return detections
 
     def detect(self, items: list[Prepared], timings: Timings | None = None) -> list[Detections]:
-        """Detections of prepared images, in order (one forward per distinct input shape where the runtime batches;
-        image by image on OpenVINO's streams)."""
+        """Detections of prepared images, in order, all in one runtime batch."""
         timings = timings if timings is not None else Timings()
-        with begin_batch(self.runtime, len(items)) as batch:
+        with self.runtime.begin(len(items)) as batch:
             for item in items:
-                item.slot = batch.add(item.tensor)
-            return [self._finish(batch, item, timings) for item in items]
+                self.start(item, batch, timings)
+            return [self.finish(item, batch, timings) for item in items]
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Run grey images through the chain so the first requests do not pay for lazy initialisation: one 4:3
         picture, and for a runtime that compiles per input size also a 16:9 one and a square one (each size it
         compiles costs memory, so other shapes compile when first seen)."""
-        shapes = WARM_UP_SHAPES if getattr(self.runtime, "compiles_per_size", False) else WARM_UP_SHAPES[:1]
+        shapes = WARM_UP_SHAPES if self.runtime.compiles_per_size else WARM_UP_SHAPES[:1]
+        nms = self.settings.options.nms(self.settings.pre_nms_top_k, self.settings.multi_label)
         for height, width in shapes:
-            tensor, transform = self.pipeline(np.full((height, width, 3), 114, dtype=np.uint8))
+            grey = np.full((height, width, 3), 114, dtype=np.uint8)
             for size in batch_sizes:
-                self.detect([Prepared(tensor, transform, self.defaults, "json")] * size)
+                items = [Prepared([NetworkInput(*self.pipeline(grey))], self.settings.options, nms, (width, height))]
+                self.detect(items * size)
 
-    def render(
-        self, parsed: ParsedRequest, items: list[Prepared | RequestError], results: list[ImageResult]
-    ) -> Response:
-        """One request's answer: an annotated picture, v2 outputs, or JSON (one result, or one per image)."""
-        first = items[0]
-        if isinstance(first, Prepared) and first.response_format == "jpeg":
-            picture = draw_detections(first.image, results[0][0], self.names)
-            return Response(encode_jpeg(picture), content_type="image/jpeg")
-        if parsed.v2 is not None:
-            body, headers = render_v2(self.model_name, results, self.names, parsed.v2, parsed.many, self.model_version)
-            return Response(body, content_type=headers.pop("content-type"), headers=headers)
-        if parsed.many:
-            answer = render_json_many(self.model_name, results, self.names)
-        else:
-            detections, size = results[0]
-            answer = render_json(self.model_name, detections, self.names, size)
-        return Response(json.dumps(answer, separators=(",", ":")))
+    def _request_items(self, parsed: ParsedRequest, options: RequestOptions, answer: Answer, batch: RuntimeBatch,
+                       timings: Timings) -> list[Prepared | RequestError]:  # fmt: skip
+        """Each image decoded alone, failing alone, and started on the runtime as soon as it is ready."""
+        items: list[Prepared | RequestError] = []
+        for data in parsed.images:
+            try:
+                if isinstance(data, RequestError):
+                    raise data
+                with timings.stage("preprocess"):
+                    item = self.prepare(data, options, keep_pixels=answer.keeps_pixels)
+            except RequestError as exc:
+                items.append(exc)
+                continue
+            self.start(item, batch, timings)
+            items.append(item)
+        tiles = [len(item.tiles) for item in items if isinstance(item, Prepared) and item.tiles is not None]
+        if tiles:
+            timings.tiles.append(sum(tiles))
+        return items
 
-    def handle(self, rows: list[dict[str, Any]], headers: list[dict[str, Any]]) -> tuple[list[Response], Timings]:
+    def _track(self, sequence: str, options: RequestOptions, results: list[Result]) -> None:
+        """The sequence's next frames: each image's detections get their track ids, in order."""
+        for result in results:
+            if isinstance(result, ImageResult):
+                result.detections.track_ids = self.trackers.update(sequence, result.detections)
+        if options.sequence_end:
+            self.trackers.end(sequence)
+
+    def handle(
+        self, rows: list[dict[str, Any]], headers: list[dict[str, Any]], sequences: list[str | None] | None = None
+    ) -> tuple[list[Response], Timings]:
         """A batch of raw TorchServe rows and their headers -> one response per row; a bad row fails alone, and so
         does a bad image among several in one row. Each image starts on the runtime once decoded, and each row is
         answered once its images are done, so decoding and post-processing overlap the forward passes where the
-        runtime runs asynchronously. The stage times are those of this thread: inference is the time it waited."""
+        runtime runs asynchronously. ``sequences``: each row's sequence id, for an archive that tracks."""
         timings = Timings()
         responses: list[Response | None] = [None] * len(rows)
-        parsed_rows: dict[int, tuple[ParsedRequest, str | None]] = {}
+        requests: dict[int, tuple[ParsedRequest, RequestOptions, Answer]] = {}
         for i, row in enumerate(rows):
             try:
-                accept = next((v for k, v in headers[i].items() if k.lower() == "accept"), None)
-                parsed_rows[i] = (parse_request(row, headers[i], self.request_limits), accept)
+                with timings.stage("preprocess"):
+                    parsed = parse_request(row, headers[i], self.settings.request_limits())
+                    options = parse_options(parsed.options, self.settings.options, self.names)
+                    requests[i] = (parsed, options, parsed.answer(options))
             except RequestError as exc:
                 responses[i] = error_response(exc)
-        requests: dict[int, tuple[ParsedRequest, list[Prepared | RequestError]]] = {}
-        with begin_batch(self.runtime, sum(len(parsed.images) for parsed, _ in parsed_rows.values())) as batch:
-            start = time.perf_counter()
-            for i, (parsed, accept) in parsed_rows.items():
-                try:
-                    requests[i] = (parsed, self._prepare_request(parsed, accept, batch, timings))
-                except RequestError as exc:
-                    responses[i] = error_response(exc)
-            # So far inference_ms holds only the waits for a free stream while the images started.
-            timings.preprocess_ms = (time.perf_counter() - start) * 1000 - timings.inference_ms
-            for i, (parsed, items) in requests.items():
-                results: list[ImageResult] = [
-                    (self._finish(batch, item, timings), item.transform.original_size)
+        with self.runtime.begin(sum(len(parsed.images) for parsed, _, _ in requests.values())) as batch:
+            started = {i: self._request_items(*request, batch, timings) for i, request in requests.items()}
+            for i, (parsed, options, answer) in requests.items():
+                results: list[Result] = [
+                    ImageResult(self.finish(item, batch, timings), item.size, item.pixels)
                     if isinstance(item, Prepared)
                     else item
-                    for item in items
+                    for item in started[i]
                 ]
-                start = time.perf_counter()
-                responses[i] = self.render(parsed, items, results)
-                timings.postprocess_ms += (time.perf_counter() - start) * 1000
+                try:
+                    if not parsed.many and isinstance(results[0], RequestError):
+                        raise results[0]
+                    sequence = sequences[i] if sequences else None
+                    with timings.stage("postprocess"):
+                        if self.trackers is not None and sequence:
+                            self._track(sequence, options, results)
+                        responses[i] = answer.render(results, self.model)
+                except RequestError as exc:
+                    responses[i] = error_response(exc)
         return responses, timings  # type: ignore[return-value]

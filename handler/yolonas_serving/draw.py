@@ -30,17 +30,19 @@ def label_font_size(size: tuple[int, int]) -> int:
 
 
 def draw_detections(image: np.ndarray, detections: Detections, names: list[str]) -> Image.Image:
-    """RGB uint8 array -> PIL image with each detection's box and ``name score`` label, both scaled to the image."""
+    """RGB uint8 array -> PIL image with each detection's box and ``name score`` label (``#id name score`` for a
+    tracked detection), both scaled to the image."""
     canvas = Image.fromarray(image)
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=label_font_size(canvas.size))
     width = line_width(canvas.size)
     pad = max(1, width // 2)
-    for box, score, class_id in zip(detections.boxes, detections.scores, detections.class_ids):
+    tracks = detections.track_ids if detections.track_ids is not None else [-1] * len(detections)
+    for box, score, class_id, track_id in zip(detections.boxes, detections.scores, detections.class_ids, tracks):
         colour = class_colour(int(class_id))
         x1, y1, x2, y2 = (float(v) for v in box)
         draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
-        label = f"{names[class_id]} {score:.2f}"
+        label = f"{f'#{track_id} ' if track_id >= 0 else ''}{names[class_id]} {score:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font, anchor="ls")
         height = bottom - top + 2 * pad
         # Above the box when there is room, else inside its top edge.

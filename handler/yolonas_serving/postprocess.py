@@ -11,18 +11,21 @@ import numpy as np
 import torch
 import torchvision
 
-from .pipeline import BoxTransform
+from .steps import BoxTransform
 
 
 @dataclass(frozen=True)
 class NMSOptions:
-    conf: float = 0.25
-    iou: float = 0.7
-    pre_nms_top_k: int = 1024
-    max_det: int = 300
-    multi_label: bool = True
-    class_agnostic: bool = False
-    classes: tuple[int, ...] | None = None  # keep only these class ids (applied before top-k)
+    """What ``select`` needs; made from the request's options (``RequestOptions.nms``), whose table holds the
+    defaults and ranges."""
+
+    conf: float
+    iou: float
+    pre_nms_top_k: int
+    max_det: int
+    multi_label: bool
+    agnostic: bool
+    classes: tuple[int, ...] | None  # keep only these class ids (applied before top-k)
 
 
 @dataclass
@@ -32,9 +35,15 @@ class Detections:
     boxes: np.ndarray  # [N, 4]
     scores: np.ndarray  # [N]
     class_ids: np.ndarray  # [N] int64
+    track_ids: np.ndarray | None = None  # [N] int64, -1 where untracked; None: not tracked at all
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    def first(self, count: int) -> Detections:
+        """The ``count`` highest-scoring detections."""
+        tracks = None if self.track_ids is None else self.track_ids[:count]
+        return Detections(self.boxes[:count], self.scores[:count], self.class_ids[:count], tracks)
 
     @classmethod
     def empty(cls) -> Detections:
@@ -69,7 +78,7 @@ def select(boxes: torch.Tensor, scores: torch.Tensor, options: NMSOptions) -> tu
         top = torch.topk(conf, options.pre_nms_top_k).indices
         anchor, label, conf = anchor[top], label[top], conf[top]
     candidates = boxes[anchor]
-    if options.class_agnostic:
+    if options.agnostic:
         keep = torchvision.ops.nms(candidates, conf, options.iou)
     else:
         keep = torchvision.ops.batched_nms(candidates, conf, label, options.iou)

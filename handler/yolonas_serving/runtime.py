@@ -1,22 +1,7 @@
-"""Inference runtimes behind one call: float32 NCHW batch (numpy) -> (boxes [B, A, 4], scores [B, A, C]) on CPU.
+"""Inference runtimes behind one interface (:class:`Runtime`): float32 NCHW batch (numpy) -> (boxes [B, A, 4],
+scores [B, A, C]) on CPU, and :meth:`Runtime.begin` for a batch whose images arrive one at a time.
 
-An archive names its backend (``model-config.yaml`` ``handler.backend``) and carries the file that backend loads:
-
-==============  =============================== =================================================================
-backend         serialized file                 runs
-==============  =============================== =================================================================
-torch           weights.pth                     eager PyTorch, fused, channels_last, fp32 (fp16 on a CUDA GPU)
-torch-bf16      weights.pth                     the same under bf16 autocast where the CPU has bf16 (else fp32)
-cuda-fp16       weights.pth                     eager PyTorch in fp16 on a CUDA GPU (pinned host memory)
-onnx            model.onnx                      ONNX Runtime (CUDA provider on a GPU when installed)
-openvino        model.xml (+ model.bin)         OpenVINO, fp32 inference precision
-openvino-bf16   model.xml (+ model.bin)         OpenVINO, bf16 inference precision where the CPU has it
-int8            model.xml (+ model.bin)         OpenVINO INT8 IR (NNCF post-training quantization)
-auto            weights.pth (+ openvino.xml/bin) chosen when the worker loads: see :func:`resolve_backend`
-==============  =============================== =================================================================
-
-onnxruntime and openvino are imported only by the runtime that needs them, so the torch path works without them.
-The box-decoding tail (softmax, expectation, anchors, sigmoid) runs in float32 in every backend.
+Which backend runs on which runtime, and what its archive holds, is the table in ``backends.py``.
 """
 
 from __future__ import annotations
@@ -24,10 +9,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -35,71 +19,65 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "torch-bf16", "cuda-fp16", "onnx", "openvino", "openvino-bf16", "int8")
-TORCH_PRECISION = {"torch": "fp32", "torch-bf16": "bf16", "cuda-fp16": "fp16"}
-OPENVINO_PRECISION = {"openvino": "f32", "openvino-bf16": "bf16", "int8": "f32"}
-#  What each backend's archive holds; ``auto`` also carries an OpenVINO IR under this name beside its weights.
-SERIALIZED_FILE = {"onnx": "model.onnx", "openvino": "model.xml", "openvino-bf16": "model.xml", "int8": "model.xml"}
-WEIGHTS_FILE = "weights.pth"
-AUTO_OPENVINO_FILE = "openvino.xml"
-#  What a runtime is to its callers: float32 NCHW batch -> (boxes [B, A, 4], scores [B, A, C]).
-Forward = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 #  An image's forward takes milliseconds; this bound only turns a request that never completes into an error.
 STREAM_WAIT_S = 120.0
 #  Input sizes an OpenVINO runtime compiles with fixed height and width (see :class:`OpenVINORuntime`).
 MAX_FIXED_SIZES = 4
+#  Images of one shape a deferred batch runs per forward: a sliced request's tiles come by the dozen, and one
+#  forward of all of them would hold every activation at once.
+MAX_FORWARD_BATCH = 16
+
+Outputs = tuple[torch.Tensor, torch.Tensor]
 
 
-def cpu_has_bf16() -> bool:
-    """Native bf16 arithmetic (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+class RuntimeBatch(Protocol):
+    """Images added one at a time, each with its slot; a result waits for its own image. A context manager: leaving
+    it waits for every image, so none outlives the batch."""
+
+    def __enter__(self) -> RuntimeBatch: ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
+
+    def add(self, image: np.ndarray) -> int:
+        """Queue or start one [3, h, w] image; returns its slot."""
+        ...
+
+    def expect(self, more: int) -> None:
+        """``more`` images beyond those announced will be added (a sliced image's tiles)."""
+        ...
+
+    def result(self, slot: int) -> Outputs:
+        """The outputs of the image in ``slot``: (boxes [1, A, 4], scores [1, A, C])."""
+        ...
 
 
-def openvino_available() -> bool:
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
+class Runtime(Protocol):
+    """What the detector calls. ``compiles_per_size``: each new input size costs a compilation (warm up several)."""
+
+    compiles_per_size: bool
+
+    def __call__(self, batch: np.ndarray) -> Outputs: ...
+
+    def begin(self, expected: int) -> RuntimeBatch:
+        """A batch of ``expected`` images (more may be announced with :meth:`RuntimeBatch.expect`)."""
+        ...
 
 
-def resolve_backend(backend: str, device: str, model_dir: str | Path) -> str:
-    """The concrete backend for ``auto`` (others pass through): fp16 on a CUDA device; else OpenVINO when the
-    archive carries an IR and openvino is installed (bf16 where the CPU has it); else torch (likewise)."""
-    if backend != "auto":
-        return backend
-    if device.startswith("cuda"):
-        return "cuda-fp16"
-    bf16 = cpu_has_bf16()
-    if (Path(model_dir) / AUTO_OPENVINO_FILE).is_file() and openvino_available():
-        return "openvino-bf16" if bf16 else "openvino"
-    return "torch-bf16" if bf16 else "torch"
+class WholeBatchRuntime:
+    """A runtime that runs a whole batch in one call: its batches collect the images and run them at the first
+    result (:class:`DeferredBatch`)."""
 
-
-def torch_precision(backend: str, device: str) -> str:
-    """fp32, bf16 or fp16 for a torch backend on ``device``: every torch archive runs in fp16 on a GPU; bf16 only on
-    CPUs with native bf16 (elsewhere fp32, with a warning); cuda-fp16 without a GPU is an error."""
-    if device.startswith("cuda"):
-        return "fp16"
-    precision = TORCH_PRECISION[backend]
-    if precision == "fp16":
-        raise ValueError("backend cuda-fp16 needs a CUDA GPU; this worker has none")
-    if precision == "bf16" and not cpu_has_bf16():
-        logger.warning("this CPU has no native bf16: backend %s runs in fp32", backend)
-        return "fp32"
-    return precision
-
-
-class TorchRuntime:
-    """Eager PyTorch: the fused model, channels_last; bf16 autocast on CPUs that have it, fp16 on CUDA."""
-
-    #  The forward runs on torch's own threads (each runtime says so; the handler sizes torch's pool by it).
-    uses_torch_threads = True
     compiles_per_size = False  # any input size runs at once (the handler warms up one)
+
+    def __call__(self, batch: np.ndarray) -> Outputs:
+        raise NotImplementedError
+
+    def begin(self, expected: int) -> RuntimeBatch:
+        return DeferredBatch(self)
+
+
+class TorchRuntime(WholeBatchRuntime):
+    """Eager PyTorch: the fused model, channels_last; bf16 autocast on CPUs that have it, fp16 on CUDA."""
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu", precision: str = "fp32"):
         if precision not in ("fp32", "bf16", "fp16"):
@@ -122,7 +100,7 @@ class TorchRuntime:
         self._staging.copy_(x)
         return self._staging.to(self.device, non_blocking=True)
 
-    def __call__(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: np.ndarray) -> Outputs:
         x = self._to_device(batch).contiguous(memory_format=torch.channels_last)
         if self.precision == "fp16":
             x = x.half()
@@ -134,11 +112,8 @@ class TorchRuntime:
         return boxes.float().cpu(), scores.float().cpu()
 
 
-class OnnxRuntime:
+class OnnxRuntime(WholeBatchRuntime):
     """ONNX Runtime on an exported model (dynamic batch axis)."""
-
-    uses_torch_threads = False  # its own thread pool; torch keeps only the glue ops around it
-    compiles_per_size = False
 
     def __init__(self, path: str | Path, threads: int = 1, device: str = "cpu"):
         import onnxruntime as ort
@@ -155,7 +130,7 @@ class OnnxRuntime:
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
 
-    def __call__(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: np.ndarray) -> Outputs:
         boxes, scores = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
         return torch.from_numpy(boxes), torch.from_numpy(scores)
 
@@ -187,8 +162,6 @@ class OpenVINORuntime:
     (about 150 MB for S at 640x480 on 2 threads), so past ``MAX_FIXED_SIZES`` sizes the dynamic compilation
     (``default``, compiled then) serves the rest and memory stays bounded whatever clients send.
     """
-
-    uses_torch_threads = False  # its own threads; torch keeps only the glue ops around it
 
     def __init__(self, path: str | Path, threads: int = 1, precision: str = "f32"):
         import openvino as ov
@@ -244,12 +217,12 @@ class OpenVINORuntime:
         return found
 
     def begin(self, expected: int) -> RuntimeBatch:
-        """A batch of ``expected`` images: on the streams when there are several, else on the latency compilation."""
-        if self.threads < 2 or expected < 2:
+        """A batch of ``expected`` images: on the streams with several threads, else on the latency compilation."""
+        if self.threads < 2:
             return DeferredBatch(self)
         return StreamedBatch(self, expected)
 
-    def __call__(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: np.ndarray) -> Outputs:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         request = self.compilation(*batch.shape[2:]).request
         if self.threads < 2 or len(batch) < 2:
@@ -265,12 +238,13 @@ class OpenVINORuntime:
 
 
 class DeferredBatch:
-    """Images added one at a time and run together at the first result, one forward per distinct input shape."""
+    """Images added one at a time and run together at the first result, one forward per distinct input shape (of at
+    most ``MAX_FORWARD_BATCH`` images)."""
 
-    def __init__(self, runtime: Forward):
+    def __init__(self, runtime: Runtime):
         self.runtime = runtime
         self.images: list[np.ndarray] = []
-        self.outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.outputs: list[Outputs] = []
 
     def __enter__(self) -> DeferredBatch:
         return self
@@ -283,7 +257,10 @@ class DeferredBatch:
         self.images.append(image)
         return len(self.images) - 1
 
-    def result(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def expect(self, more: int) -> None:
+        """Nothing to plan: every image waits for the first result."""
+
+    def result(self, slot: int) -> Outputs:
         """The outputs of the image in ``slot``: (boxes [1, A, 4], scores [1, A, C])."""
         if len(self.outputs) < len(self.images):
             self._run()
@@ -293,11 +270,13 @@ class DeferredBatch:
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, image in enumerate(self.images):
             groups[image.shape].append(i)
-        outputs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.images)
+        outputs: list[Outputs | None] = [None] * len(self.images)
         for indices in groups.values():
-            boxes, scores = self.runtime(np.stack([self.images[i] for i in indices]))
-            for k, i in enumerate(indices):
-                outputs[i] = (boxes[k : k + 1], scores[k : k + 1])
+            for first in range(0, len(indices), MAX_FORWARD_BATCH):
+                chunk = indices[first : first + MAX_FORWARD_BATCH]
+                boxes, scores = self.runtime(np.stack([self.images[i] for i in chunk]))
+                for k, i in enumerate(chunk):
+                    outputs[i] = (boxes[k : k + 1], scores[k : k + 1])
         self.outputs = outputs  # type: ignore[assignment]
 
 
@@ -312,10 +291,11 @@ class StreamedBatch:
 
     def __init__(self, runtime: OpenVINORuntime, expected: int):
         self.runtime = runtime
+        self.expected = expected
         self.streamed = expected - expected % runtime.threads  # images before this slot start on the streams
         self.queues: list[Any] = []  # the streams this batch has started images on
         self.images: list[np.ndarray] = []
-        self.outputs: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        self.outputs: list[Outputs | None] = []
         self.done: list[threading.Event] = []
 
     def __enter__(self) -> StreamedBatch:
@@ -327,6 +307,11 @@ class StreamedBatch:
         # Each queue keeps its callback, bound to this batch, until the next batch sets its own: let go of the data.
         self.images.clear()
         self.outputs.clear()
+
+    def expect(self, more: int) -> None:
+        """More images will come: those that now fill every thread start on the streams too."""
+        self.expected += more
+        self.streamed = self.expected - self.expected % self.runtime.threads
 
     def _collect(self, request: Any, slot: int) -> None:  # runs on an OpenVINO thread when the request completes
         # The request reuses its output buffers for its next image: copy them out.
@@ -351,7 +336,7 @@ class StreamedBatch:
         queue.start_async({0: image}, slot, share_inputs=True)
         return slot
 
-    def result(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def result(self, slot: int) -> Outputs:
         """The outputs of the image in ``slot``: (boxes [1, A, 4], scores [1, A, C])."""
         if slot >= self.streamed and not self.done[slot].is_set():
             for queue in self.queues:
@@ -361,49 +346,3 @@ class StreamedBatch:
         if not self.done[slot].wait(STREAM_WAIT_S):
             raise RuntimeError(f"OpenVINO gave no outputs for image {slot} within {STREAM_WAIT_S:.0f} s")
         return self.outputs[slot]  # type: ignore[return-value]
-
-
-RuntimeBatch = DeferredBatch | StreamedBatch
-
-
-def begin_batch(runtime: Forward, expected: int) -> RuntimeBatch:
-    """A batch of ``expected`` images for ``runtime``: its own :meth:`begin` where it has one (OpenVINO's streams),
-    else one forward at the first result."""
-    begin = getattr(runtime, "begin", None)
-    return begin(expected) if begin is not None else DeferredBatch(runtime)
-
-
-Runtime = TorchRuntime | OnnxRuntime | OpenVINORuntime
-
-
-def build_runtime(
-    backend: str,
-    path: str | Path,
-    variant: str,
-    num_classes: int,
-    device: str = "cpu",
-    threads: int | None = None,
-) -> Runtime:
-    """The runtime an archive asks for, loaded from its serialized file ``path`` (other files sit beside it).
-
-    ``threads`` defaults to torch's current setting, which the handler sets from the archive's settings.
-    """
-    threads = threads or torch.get_num_threads()
-    model_dir = Path(path).parent
-    concrete = resolve_backend(backend, device, model_dir)
-    if backend == "auto":
-        logger.info("backend auto -> %s", concrete)
-    if concrete in TORCH_PRECISION:
-        from yolonas import load_model
-
-        weights = model_dir / WEIGHTS_FILE if backend == "auto" else path
-        precision = torch_precision(concrete, device)
-        return TorchRuntime(load_model(weights, variant, num_classes, fuse=True), device, precision)
-    if device.startswith("cuda") and concrete != "onnx":
-        logger.warning("backend %s runs on the CPU, not on %s", concrete, device)
-    if concrete == "onnx":
-        return OnnxRuntime(path, threads, device)
-    if concrete in OPENVINO_PRECISION:
-        ir = model_dir / AUTO_OPENVINO_FILE if backend == "auto" else path
-        return OpenVINORuntime(ir, threads, OPENVINO_PRECISION[concrete])
-    raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")

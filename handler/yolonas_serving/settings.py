@@ -1,28 +1,41 @@
-"""The handler's settings: the ``handler:`` section of an archive's model-config.yaml, validated once at load."""
+"""The handler's settings: the ``handler:`` section of an archive's model-config.yaml, validated once, the same way,
+when the archive is built and when the worker loads it.
+
+The section is flat. The request options marked ``archive`` in ``options.py`` set the defaults of their request
+option under the same name (``conf: 0.4``); the tracker's parameters sit beside ``tracker`` under the library's
+names (``lost_track_buffer: 60``); the other keys are below. Every value is checked with the same kinds as the
+request options (``options.Number``, ``Flag``, ``Choice``), strictly typed: YAML's numbers and booleans.
+"""
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from yolonas import VARIANTS
 
+from .backends import BACKENDS
 from .classes import default_names
 from .decode import DecodeLimits
-from .envelope import MAX_DET_LIMIT, RequestLimits
+from .options import (
+    ARCHIVE_OPTIONS,
+    Choice,
+    Flag,
+    Number,
+    OptionError,
+    RequestOptions,
+    archive_config,
+    archive_defaults,
+)
 from .pipeline import COCO_PIPELINE, Pipeline
-from .postprocess import NMSOptions
-from .runtime import BACKENDS
+from .protocol.base import RequestLimits
+from .steps import PipelineError
+from .tracking import TRACKER_DEFAULTS, TrackerSettings
 
-#  Backends that already trade super-gradients' exact answers for speed (reduced precision, or the fastest path the
-#  host has) also default to minimal padding, which skips the network's work on the square input's padding; the
-#  exact ones (torch, onnx, openvino: fp32) keep the checkpoint's fixed input (README, "Minimal padding").
-MINIMAL_PADDING_BACKENDS = ("auto", "torch-bf16", "cuda-fp16", "openvino-bf16", "int8")
-
-#  super-gradients' predict() defaults for COCO models.
-DEFAULT_NMS = NMSOptions(conf=0.25, iou=0.7, pre_nms_top_k=1024, max_det=300, multi_label=True)
+#  Where the tracker's parameters come from: the names of every kind's (TrackerSettings checks them per kind).
+TRACKER_PARAMETERS = sorted({name for parameters in TRACKER_DEFAULTS.values() for name in parameters})
+NO_TRACKER = "off"
 
 
 class SettingsError(ValueError):
@@ -30,99 +43,109 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True)
-class Rule:
-    """What one setting accepts: a type (float also takes integers; bool and int never stand in for each other),
-    optionally a closed range or a set of choices, and why where the range surprises."""
+class Text:
+    allowed: str = "text"
 
-    kind: type
-    low: float | None = None
-    high: float | None = None
-    choices: tuple[str, ...] = ()
-    why: str = ""
-
-    def allowed(self) -> str:
-        if self.choices:
-            return "one of " + ", ".join(self.choices)
-        text = {bool: "true or false", int: "an integer", float: "a number", str: "text", list: "a list"}[self.kind]
-        if self.low is not None and self.high is not None:
-            return f"{text} from {self.low:g} to {self.high:g}"
-        if self.low is not None:
-            return f"{text} >= {self.low:g}"
-        return text
-
-    def accepts(self, value: Any) -> bool:
-        if self.kind is float:
-            typed = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        elif self.kind is int:
-            typed = isinstance(value, int) and not isinstance(value, bool)
-        else:
-            typed = isinstance(value, self.kind)
-        if not typed:
-            return False
-        if self.choices:
-            return value in self.choices
-        return (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
+    def parse(self, name: str, value: Any, strict: bool = True) -> str:
+        if not isinstance(value, str):
+            raise OptionError(name, value, self.allowed)
+        return value
 
 
-#  The handler: section of model-config.yaml.
-HANDLER_RULES: dict[str, Rule] = {
-    "variant": Rule(str, choices=tuple(VARIANTS)),
-    "num_classes": Rule(int, 1),
-    "backend": Rule(str, choices=tuple(BACKENDS)),
-    "pipeline": Rule(list),
-    "preprocessing_source": Rule(str),
-    "conf": Rule(float, 0, 1),
-    "iou": Rule(float, 0.01, 1),
-    "pre_nms_top_k": Rule(int, 1),
-    "max_det": Rule(int, 1, MAX_DET_LIMIT),
-    "multi_label": Rule(bool),
-    "class_agnostic": Rule(bool),
-    "torch_threads": Rule(int, 0, 1024),
-    "max_image_bytes": Rule(int, 1),
-    "max_image_pixels": Rule(int, 1),
-    "jpeg_draft": Rule(bool),
-    "max_images_per_request": Rule(int, 1, 1024),
-    "max_request_bytes": Rule(int, 1),
+@dataclass(frozen=True)
+class Steps:
+    """A preprocessing pipeline in super-gradients' notation (checked by ``Pipeline.from_spec``)."""
+
+    allowed: str = "a list of processing steps"
+
+    def parse(self, name: str, value: Any, strict: bool = True) -> list[Any]:
+        try:
+            return Pipeline.from_spec(value).to_spec()
+        except PipelineError as exc:
+            raise OptionError(name, value, f"{self.allowed} ({exc})") from None
+
+
+#  The handler keys that are no request option, with what each takes.
+HANDLER_KEYS: dict[str, Any] = {
+    "variant": Choice(tuple(VARIANTS)),
+    "num_classes": Number(int, 1),
+    "backend": Choice(tuple(BACKENDS)),
+    "pipeline": Steps(),
+    "preprocessing_source": Text(),
+    "pre_nms_top_k": Number(int, 1),
+    "multi_label": Flag(),
+    "torch_threads": Number(int, 0, 1024),
+    "max_image_bytes": Number(int, 1),
+    "max_image_pixels": Number(int, 1),
+    "jpeg_draft": Flag(),
+    "max_images_per_request": Number(int, 1, 1024),
+    "max_request_bytes": Number(int, 1),
+    "max_tiles": Number(int, 1, 10_000),
+    "tracker": Choice((NO_TRACKER, *TRACKER_DEFAULTS)),
 }
+#  Every key of the handler: section.
+KNOWN_KEYS = (*HANDLER_KEYS, *ARCHIVE_OPTIONS, *TRACKER_PARAMETERS)
 #  TorchServe's own model settings at the top of model-config.yaml (those this project sets or documents).
-MODEL_RULES: dict[str, Rule] = {
-    "minWorkers": Rule(int, 0, 64),
-    "maxWorkers": Rule(int, 1, 64),
-    "batchSize": Rule(int, 1, 256),
-    "maxBatchDelay": Rule(int, 1, 60_000, why="TorchServe 0.12 reads 0 in model-config.yaml as unset: 100 ms"),
-    "responseTimeout": Rule(int, 1, 86_400),
-    "startupTimeout": Rule(int, 1, 86_400),
-    "jobQueueSize": Rule(int, 1, 1_000_000),
-    "deviceType": Rule(str, choices=("cpu", "gpu")),
-    "sequenceBatching": Rule(bool),
-    "sequenceMaxIdleMSec": Rule(int, 1),
-    "maxNumSequence": Rule(int, 1),
+MODEL_KEYS: dict[str, Any] = {
+    "minWorkers": Number(int, 0, 64),
+    "maxWorkers": Number(int, 1, 64),
+    "batchSize": Number(int, 1, 256),
+    # TorchServe 0.12 reads 0 in model-config.yaml as unset: 100 ms.
+    "maxBatchDelay": Number(int, 1, 60_000),
+    "responseTimeout": Number(int, 1, 86_400),
+    "startupTimeout": Number(int, 1, 86_400),
+    "jobQueueSize": Number(int, 1, 1_000_000),
+    "deviceType": Choice(("cpu", "gpu")),
+    "sequenceBatching": Flag(),
+    "sequenceMaxIdleMSec": Number(int, 1),
+    "maxNumSequence": Number(int, 1),
+    "maxSequenceJobQueueSize": Number(int, 1),
 }
+WHY = {"maxBatchDelay": "TorchServe 0.12 reads 0 in model-config.yaml as unset: 100 ms"}
 
 
-def check_section(section: dict[str, Any], rules: dict[str, Rule], where: str) -> None:
-    """Every key known and every value of the right type and range, or a SettingsError naming them all."""
-    unknown = sorted(key for key in section if key not in rules)
+def _checked(section: dict[str, Any], kinds: dict[str, Any], where: str) -> dict[str, Any]:
+    """Every key known and every value of its kind, or a SettingsError naming them all; the values as parsed."""
+    unknown = sorted(key for key in section if key not in kinds)
     problems = [f"unknown keys {unknown}"] if unknown else []
+    parsed = {}
     for key, value in section.items():
-        rule = rules.get(key)
-        if rule is None or rule.accepts(value):
+        if key not in kinds:
             continue
-        if rule.choices and isinstance(value, str):
-            problems.append(f"unknown {key} {value!r}; allowed: {rule.allowed()}")
-        else:
-            why = f" ({rule.why})" if rule.why else ""
-            problems.append(f"{key}: got {value!r} ({type(value).__name__}), allowed: {rule.allowed()}{why}")
+        try:
+            parsed[key] = kinds[key].parse(key, value, strict=True)
+        except OptionError as exc:
+            problems.append(str(exc) + (f" ({WHY[key]})" if key in WHY else ""))
     if problems:
-        raise SettingsError(f"{where}: " + "; ".join(problems) + f". Known keys: {', '.join(rules)}")
+        raise SettingsError(f"{where}: " + "; ".join(problems) + f". Known keys: {', '.join(kinds)}")
+    return parsed
+
+
+def _parse_section(section: dict[str, Any]) -> tuple[dict[str, Any], RequestOptions, tuple[tuple[str, Any], ...]]:
+    """A handler: section checked: its own keys, the request options' defaults and the tracker's parameters."""
+    where = "model-config.yaml handler section"
+    keys = _checked({k: v for k, v in section.items() if k in HANDLER_KEYS or k not in KNOWN_KEYS}, HANDLER_KEYS, where)
+    try:
+        options = archive_defaults({k: v for k, v in section.items() if k in ARCHIVE_OPTIONS})
+        parameters = tuple(sorted((k, v) for k, v in section.items() if k in TRACKER_PARAMETERS))
+        tracker = keys.get("tracker", NO_TRACKER)
+        if parameters and tracker == NO_TRACKER:
+            raise ValueError(f"tracker parameters {[k for k, _ in parameters]} need a tracker (tracker: bytetrack)")
+        if tracker != NO_TRACKER:
+            TrackerSettings(tracker, parameters)
+    except (OptionError, ValueError) as exc:
+        raise SettingsError(f"{where}: {exc}") from None
+    return keys, options, parameters
 
 
 def check_model_config(config: dict[str, Any]) -> None:
     """A whole model-config.yaml: TorchServe's keys and the handler: section, checked as the worker checks them."""
-    check_section({k: v for k, v in config.items() if k != "handler"}, MODEL_RULES, "model-config.yaml")
+    _checked({k: v for k, v in config.items() if k != "handler"}, MODEL_KEYS, "model-config.yaml")
     if config.get("minWorkers", 0) > config.get("maxWorkers", 64):
         raise SettingsError(f"minWorkers {config['minWorkers']} is above maxWorkers {config['maxWorkers']}")
-    HandlerSettings.from_config(config.get("handler"))
+    settings = HandlerSettings.from_config(config.get("handler"))
+    if settings.tracker != NO_TRACKER and not config.get("sequenceBatching"):
+        raise SettingsError(f"tracker {settings.tracker} needs sequenceBatching: true (a tracker per sequence)")
 
 
 @dataclass(frozen=True)
@@ -132,37 +155,34 @@ class HandlerSettings:
     backend: str = "torch"
     pipeline: list[Any] = field(default_factory=COCO_PIPELINE.to_spec)
     preprocessing_source: str = "super-gradients COCO defaults"
-    conf: float = DEFAULT_NMS.conf
-    iou: float = DEFAULT_NMS.iou
-    pre_nms_top_k: int = DEFAULT_NMS.pre_nms_top_k
-    max_det: int = DEFAULT_NMS.max_det
-    multi_label: bool = DEFAULT_NMS.multi_label
-    class_agnostic: bool = DEFAULT_NMS.class_agnostic  # the default of the per-request option "agnostic"
+    pre_nms_top_k: int = 1024  # super-gradients' predict() defaults, as the request options' defaults are
+    multi_label: bool = True
     torch_threads: int = 0  # 0: the host's cores divided by the model's maxWorkers, at least 1
     max_image_bytes: int = DecodeLimits.max_bytes
     max_image_pixels: int = DecodeLimits.max_pixels
     jpeg_draft: bool = True  # decode large JPEGs at 1/2..1/8 scale when the pipeline shrinks them below that anyway
     max_images_per_request: int = RequestLimits.max_images
     max_request_bytes: int = RequestLimits.max_bytes
+    max_tiles: int = 256  # tiles of one sliced image (a 4000x3000 photo in 640 tiles has 48)
+    tracker: str = NO_TRACKER
+    options: RequestOptions = RequestOptions()  # the request options' defaults
+    tracker_parameters: tuple[tuple[str, Any], ...] = ()  # those set; the others keep the library's defaults
 
     def __post_init__(self) -> None:
-        check_section(asdict(self), HANDLER_RULES, "model-config.yaml handler section")
+        _parse_section(self.as_config())
 
     @classmethod
     def from_config(cls, section: dict[str, Any] | None) -> HandlerSettings:
-        section = dict(section or {})
-        check_section(section, HANDLER_RULES, "model-config.yaml handler section")
-        settings = cls(**section)
-        Pipeline.from_spec(settings.pipeline)  # fail at load, not on the first request
-        return settings
+        keys, options, parameters = _parse_section(dict(section or {}))
+        return cls(**keys, options=options, tracker_parameters=parameters)
 
     def as_config(self) -> dict[str, Any]:
-        return asdict(self)
+        """The flat handler: section."""
+        keys = {name: getattr(self, name) for name in HANDLER_KEYS}
+        return {**keys, **archive_config(self.options), **dict(self.tracker_parameters)}
 
-    def nms_options(self) -> NMSOptions:
-        return NMSOptions(
-            self.conf, self.iou, self.pre_nms_top_k, self.max_det, self.multi_label, class_agnostic=self.class_agnostic
-        )
+    def tracker_settings(self) -> TrackerSettings | None:
+        return None if self.tracker == NO_TRACKER else TrackerSettings(self.tracker, self.tracker_parameters)
 
     def decode_limits(self) -> DecodeLimits:
         return DecodeLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
@@ -194,7 +214,7 @@ def settings_from_checkpoint(
 ) -> tuple[HandlerSettings, list[str]]:
     """Settings and class names for a checkpoint: its ``processing_params`` (a Trainer checkpoint's pipeline, class
     names, conf, iou) when present, else super-gradients' COCO defaults; explicit arguments override both. Without
-    ``padding``, a backend of MINIMAL_PADDING_BACKENDS gets minimal padding where the pipeline pads to a fixed
+    ``padding``, a backend whose row has ``minimal_padding`` gets minimal padding where the pipeline pads to a fixed
     size."""
     params = processing_params or {}
     if "image_processor" in params:
@@ -206,7 +226,7 @@ def settings_from_checkpoint(
     if input_size:
         pipeline = pipeline.with_input_size(*input_size)
         source += f", input size overridden to {input_size[0]}x{input_size[1]}"
-    if padding is None and backend in MINIMAL_PADDING_BACKENDS and pipeline.has_fixed_padding:
+    if padding is None and BACKENDS[backend].minimal_padding and pipeline.has_fixed_padding:
         pipeline = pipeline.with_padding("minimal")
         source += f", minimal padding (the default for backend {backend})"
     elif padding:
@@ -217,13 +237,11 @@ def settings_from_checkpoint(
         names = [str(n) for n in params["class_names"]] if params.get("class_names") else default_names(num_classes)
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names for a model with {num_classes} classes")
-    settings = HandlerSettings(
-        variant=variant,
-        num_classes=num_classes,
-        backend=backend,
-        pipeline=pipeline.to_spec(),
-        preprocessing_source=source,
-        conf=conf if conf is not None else float(params.get("conf", DEFAULT_NMS.conf)),
-        iou=iou if iou is not None else float(params.get("iou", DEFAULT_NMS.iou)),
+    defaults = RequestOptions()
+    options = RequestOptions(
+        conf=conf if conf is not None else float(params.get("conf", defaults.conf)),
+        iou=iou if iou is not None else float(params.get("iou", defaults.iou)),
     )
+    settings = HandlerSettings(variant=variant, num_classes=num_classes, backend=backend, pipeline=pipeline.to_spec(),
+                               preprocessing_source=source, options=options)  # fmt: skip
     return settings, names

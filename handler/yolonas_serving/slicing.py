@@ -196,14 +196,14 @@ def merge(
     method: str = "greedynmm",
     metric: str = "ios",
     threshold: float = 0.5,
-    class_agnostic: bool = False,
+    agnostic: bool = False,
 ) -> Detections:
     """Merge overlapping detections from tiles and the full-image pass as sahi's postprocess (numpy backend).
 
     ``detections`` are on the full image in sahi's order (:func:`gather`); ties are broken by that order. Overlaps
     are found on float32 boxes and confirmed on the given ones (float64 from :func:`gather`), as sahi does.
     ``nms`` keeps the best box of each overlapping set; ``greedynmm`` merges into each kept box the boxes that
-    overlap it; ``nmm`` also merges boxes joined through a chain of overlaps. Per class unless ``class_agnostic``.
+    overlap it; ``nmm`` also merges boxes joined through a chain of overlaps. Per class unless ``agnostic``.
     """
     if method not in MERGE_METHODS:
         raise ValueError(f"merge method must be one of {list(MERGE_METHODS)}; got {method!r}")
@@ -215,7 +215,7 @@ def merge(
     boxes = detections.boxes.astype(np.float32).reshape(-1, 4)
     scores = detections.scores.astype(np.float32)
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    if class_agnostic:
+    if agnostic:
         subsets = [np.arange(len(scores))]
     else:
         subsets = [np.flatnonzero(detections.class_ids == c) for c in np.unique(detections.class_ids)]
