@@ -6,11 +6,11 @@
     python scripts/archive.py --variant s --weights W.pth --backend int8 --calibration-images DIR
     python scripts/archive.py --variant s --random-weights 0 --set conf=0.4 --set maxWorkers=2 --version 2.0
 
-``--backend`` picks what the archive stores and runs (see ``yolonas_serving/runtime.py`` and
-``yolonas_tools/build/backends.py``): torch (default), torch-bf16, cuda-fp16, onnx, openvino, openvino-bf16, int8
-(OpenVINO INT8, calibrated with NNCF on ``--calibration-images``, decoded and preprocessed exactly as served) or auto
-(chosen when the worker loads). The backends that trade exactness for speed (auto, int8 and the bf16/fp16 ones) run
-``--padding minimal`` unless told otherwise (``--padding fixed`` keeps super-gradients' square input).
+``--backend`` picks what the archive stores and runs, a row of ``yolonas_serving/backends.py`` (``--help`` lists
+them): torch by default; int8 is calibrated with NNCF on ``--calibration-images``, decoded and preprocessed exactly
+as served; auto is chosen when the worker loads. The backends that trade exactness for speed (auto, int8 and the
+bf16/fp16 ones) run ``--padding minimal`` unless told otherwise (``--padding fixed`` keeps super-gradients' square
+input). ``--tracker bytetrack`` builds an archive that tracks objects per sequence (implies sequence batching).
 Archives of other backends than torch are named ``yolo_nas_<variant>_<backend>`` unless ``--model-name`` is given.
 
 Any other setting goes in with ``--handler-config FILE`` (YAML shaped like model-config.yaml: TorchServe's keys at the
@@ -29,9 +29,9 @@ import tempfile
 from pathlib import Path
 
 from yolonas import VARIANTS
+from yolonas_serving.backends import BACKENDS
 from yolonas_serving.pipeline import PADDING_MODES
-from yolonas_serving.runtime import BACKENDS
-from yolonas_serving.settings import MINIMAL_PADDING_BACKENDS
+from yolonas_serving.tracking import TRACKER_DEFAULTS
 from yolonas_tools.build.archive import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_BATCH_DELAY_MS,
@@ -70,11 +70,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "square); center / bottom-right: that size, the image placed so; minimal: pad only to the next multiple of "
         "32, so a 16:9 picture runs at 640x384 (about 40%% less work; outputs differ slightly from the square "
         "input). Default: minimal for the backends that already trade exactness for speed "
-        f"({', '.join(MINIMAL_PADDING_BACKENDS)}), else fixed",
+        f"({', '.join(name for name, row in BACKENDS.items() if row.minimal_padding)}), else fixed",
     )
     parser.add_argument("--conf", type=float)
     parser.add_argument("--iou", type=float)
-    parser.add_argument("--backend", default="torch", choices=BACKENDS, help="inference backend (see README)")
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=BACKENDS,
+        help="inference backend: " + "; ".join(f"{name}: {row.summary}" for name, row in BACKENDS.items()),
+    )
     parser.add_argument(
         "--calibration-images",
         type=Path,
@@ -89,6 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help=f"serve gRPC StreamPredictions2 streams (idle timeout {SEQUENCE_MAX_IDLE_MS} ms, {MAX_NUM_SEQUENCE} "
         "streams at once)",
+    )
+    parser.add_argument(
+        "--tracker",
+        choices=list(TRACKER_DEFAULTS),
+        help="track objects: one tracker of this kind per sequence (implies --sequence-batching; its parameters "
+        "with --set, e.g. --set lost_track_buffer=60; same as --set tracker=KIND)",
     )
     parser.add_argument("--model-name", help="archive/model name (default yolo_nas_<variant>)")
     parser.add_argument("--version", default="1.0", help="model version, served at /predictions/<model>/<version>")
@@ -110,8 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.all and (args.weights or args.model_name):
         parser.error("--all builds from --random-weights; give --variant with --weights or --model-name")
-    if (args.backend == "int8") != (args.calibration_images is not None):
-        parser.error("--backend int8 needs --calibration-images DIR, and only it uses them")
+    if BACKENDS[args.backend].needs_calibration != (args.calibration_images is not None):
+        calibrated = ", ".join(name for name, row in BACKENDS.items() if row.needs_calibration)
+        parser.error(f"--backend {calibrated} needs --calibration-images DIR, and only it uses them")
     if args.calibration_images is not None and not args.calibration_images.is_dir():
         parser.error(f"--calibration-images {args.calibration_images}: not a folder")
     if not VERSION_PATTERN.match(args.version):
@@ -125,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     variants = list(VARIANTS) if args.all else [args.variant]
     try:
-        overrides = read_overrides(args.handler_config, args.set)
+        overrides = read_overrides(
+            args.handler_config, ([f"tracker={args.tracker}"] if args.tracker else []) + args.set
+        )
         with tempfile.TemporaryDirectory() as tmp:
             for variant in variants:
                 ckpt = load_or_make_checkpoint(variant, args.weights, args.random_weights, args.num_classes, Path(tmp))

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from yolonas_tools.paths import RUN_DIR
 from yolonas_tools.serve.batch import JournalError, grpc_sender, rest_sender, run
-from yolonas_tools.serve.clients import Endpoints
+from yolonas_tools.serve.clients import Endpoints, add_option_arguments, request_options
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,9 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("results.json"), help="COCO results; other files beside it")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (TorchServe batches them)")
     parser.add_argument("--transport", choices=["rest", "grpc"], default="rest")
-    parser.add_argument("--conf", type=float)
-    parser.add_argument("--iou", type=float)
-    parser.add_argument("--max-det", type=int)
+    add_option_arguments(parser)
     parser.add_argument("--retries", type=int, default=5, help="per image, for transient failures")
     parser.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry; doubles each time")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
@@ -58,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     endpoints = Endpoints.load(args.run_dir)
-    options = {k: v for k, v in (("conf", args.conf), ("iou", args.iou), ("max_det", args.max_det)) if v is not None}
+    options = request_options(args)
     make_sender = grpc_sender if args.transport == "grpc" else rest_sender
     send = make_sender(endpoints, args.model, options, args.timeout)
     # The transport may differ between runs; anything that changes the detections may not.

@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 
 from yolonas_tools.paths import RUN_DIR
-from yolonas_tools.serve.clients import Endpoints, add_request_arguments, print_table
+from yolonas_tools.serve.clients import Endpoints, add_request_arguments, print_table, request_options
 from yolonas_tools.serve.grpc_client import GrpcClient, PredictionError
 
 
@@ -40,8 +40,7 @@ def _print_result(label: str, body: bytes, args: argparse.Namespace, count: int)
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"conf": args.conf, "iou": args.iou, "max_det": args.max_det, "classes": args.classes,
-            "format": "jpeg" if args.save else None}  # fmt: skip
+    return {**request_options(args), "format": "jpeg" if args.save else None}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

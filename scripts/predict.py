@@ -14,7 +14,14 @@ import sys
 from pathlib import Path
 
 from yolonas_tools.paths import RUN_DIR
-from yolonas_tools.serve.clients import Endpoints, add_request_arguments, option_headers, predict, print_table
+from yolonas_tools.serve.clients import (
+    Endpoints,
+    add_request_arguments,
+    option_headers,
+    predict,
+    print_table,
+    request_options,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR)
     args = parser.parse_args(argv)
     endpoints = Endpoints.load(args.run_dir)
-    headers = option_headers(args.conf, args.iou, args.max_det, args.classes)
+    headers = option_headers(request_options(args))
     failed = 0
     for image in args.images:
         response = predict(endpoints, args.model, image, headers)

@@ -28,8 +28,9 @@ from yolonas_serving.classes import INDEX_TO_NAME, names_to_mapping, read_names_
 from yolonas_serving.detector import Detector
 from yolonas_serving.pipeline import Pipeline
 from yolonas_serving.settings import (
-    HANDLER_RULES,
-    MODEL_RULES,
+    KNOWN_KEYS,
+    MODEL_KEYS,
+    NO_TRACKER,
     HandlerSettings,
     SettingsError,
     check_model_config,
@@ -118,10 +119,14 @@ def model_config(spec: ArchiveSpec) -> dict:
         "maxBatchDelay": spec.max_batch_delay,
         "responseTimeout": RESPONSE_TIMEOUT_S[spec.variant],
     }
-    if spec.sequence_batching:
-        config.update(sequenceBatching=True, sequenceMaxIdleMSec=SEQUENCE_MAX_IDLE_MS, maxNumSequence=MAX_NUM_SEQUENCE)
     overrides = dict(spec.overrides)
-    handler = {**spec.settings.as_config(), **overrides.pop("handler", {})}
+    asked = overrides.pop("handler", {})
+    handler = {**spec.settings.as_config(), **asked}
+    tracking = handler["tracker"] != NO_TRACKER
+    if tracking and "multi_label" not in asked:
+        handler["multi_label"] = False  # trackers match boxes whatever their class: one box per object
+    if spec.sequence_batching or tracking:
+        config.update(sequenceBatching=True, sequenceMaxIdleMSec=SEQUENCE_MAX_IDLE_MS, maxNumSequence=MAX_NUM_SEQUENCE)
     config = {**config, **overrides, "handler": handler}
     try:
         check_model_config(config)
@@ -145,14 +150,14 @@ def read_overrides(handler_config: Path | None, assignments: list[str]) -> dict:
         if not equals or not key:
             raise ArchiveError(f"--set {assignment!r}: expected KEY=VALUE")
         value = yaml.safe_load(text) if text.strip() else ""
-        if key in HANDLER_RULES:
+        if key in KNOWN_KEYS:
             overrides["handler"][key] = value
-        elif key in MODEL_RULES:
+        elif key in MODEL_KEYS:
             overrides[key] = value
         else:
             raise ArchiveError(
-                f"--set {assignment!r}: unknown key {key!r}; handler keys: {', '.join(HANDLER_RULES)}; "
-                f"TorchServe keys: {', '.join(MODEL_RULES)}"
+                f"--set {assignment!r}: unknown key {key!r}; handler keys: {', '.join(KNOWN_KEYS)}; "
+                f"TorchServe keys: {', '.join(MODEL_KEYS)}"
             )
     fixed = sorted(set(overrides["handler"]) & set(FIXED_BY_ARCHIVE))
     if fixed:

@@ -1,10 +1,9 @@
-"""What each backend's archive stores, made from the checkpoint at archive time.
-
-torch, torch-bf16, cuda-fp16: ``weights.pth`` (``{"net": state_dict}``); onnx: ``model.onnx`` (dynamic batch);
-openvino, openvino-bf16: an fp32 OpenVINO IR ``model.xml`` + ``model.bin`` (converted from the ONNX export; the
-precision is chosen when the worker compiles it); int8: the same IR quantized by NNCF on calibration images;
-auto: ``weights.pth`` plus, when openvino is installed here, the fp32 IR as ``openvino.xml`` / ``openvino.bin``.
-The network input is the archive pipeline's fixed size, or dynamic height and width for auto-padding pipelines.
+"""What each backend's archive stores (its row's ``files`` in ``yolonas_serving.backends.BACKENDS``), made from the
+checkpoint at archive time, by the row's family: torch writes ``weights.pth`` (``{"net": state_dict}``); onnx the
+ONNX export (dynamic batch); openvino an fp32 IR converted from the ONNX export (the precision is chosen when the
+worker compiles it), quantized by NNCF where the row needs calibration (int8); auto the weights plus, when openvino
+is installed here, the fp32 IR. The network input is the archive pipeline's fixed size, or dynamic height and width
+for auto-padding pipelines.
 
 INT8 (post-training quantization with NNCF): calibration images go through the archive's own decoding and
 preprocessing, so the statistics describe exactly what the served network sees. The box-decoding tail (the ops of
@@ -27,9 +26,9 @@ import torch
 
 from yolonas.checkpoint import Checkpoint, model_from_state_dict
 from yolonas.export import export_onnx
+from yolonas_serving.backends import BACKENDS, WEIGHTS_FILE, openvino_available
 from yolonas_serving.decode import decode_image
 from yolonas_serving.pipeline import Pipeline
-from yolonas_serving.runtime import AUTO_OPENVINO_FILE, SERIALIZED_FILE, WEIGHTS_FILE, openvino_available
 from yolonas_tools.data.images import IMAGE_SUFFIXES, is_image
 
 #  ONNX node names follow the module tree: "/heads/Softmax" is decoding, "/heads/head1/reg_pred/Conv" a head conv.
@@ -64,21 +63,23 @@ def write_backend_files(
     folder: Path,
     calibration: list[np.ndarray] | None = None,
 ) -> tuple[Path, list[Path]]:
-    """Write ``backend``'s files into ``folder``; returns (the serialized file, the files that go beside it)."""
-    if backend == "int8" and not calibration:
-        raise ValueError("backend int8 needs calibration images (--calibration-images DIR)")
-    if backend in ("openvino", "openvino-bf16", "int8"):
+    """Write ``backend``'s files (its row's ``files``) into ``folder``; returns (the serialized file, the files that
+    go beside it)."""
+    row = BACKENDS[backend]
+    if row.needs_calibration and not calibration:
+        raise ValueError(f"backend {backend} needs calibration images (--calibration-images DIR)")
+    if row.family == "openvino":
         model = openvino_ir(ckpt, input_size)
-        if backend == "int8":
+        if row.needs_calibration:
             model = quantize_int8(model, calibration)
-        xml, binary = save_ir(model, folder / SERIALIZED_FILE[backend])
+        xml, binary = save_ir(model, folder / row.serialized_file)
         return xml, [binary]
-    if backend == "onnx":
-        return export_onnx(fused_model(ckpt), folder / SERIALIZED_FILE[backend], input_size), []
+    if row.family == "onnx":
+        return export_onnx(fused_model(ckpt), folder / row.serialized_file, input_size), []
     weights = folder / WEIGHTS_FILE
     torch.save({"net": ckpt.state_dict}, weights)
-    if backend == "auto" and openvino_available():
-        return weights, save_ir(openvino_ir(ckpt, input_size), folder / AUTO_OPENVINO_FILE)
+    if row.family == "auto" and openvino_available():
+        return weights, save_ir(openvino_ir(ckpt, input_size), folder / row.files[1])
     return weights, []
 
 

@@ -85,7 +85,7 @@ def export_checked(
         raise ExportError(str(exc)) from None
     settings, _ = settings_from_checkpoint(ckpt.num_classes, ckpt.variant, ckpt.processing_params, conf=conf, iou=iou)
     input_size = input_size or Pipeline.from_spec(settings.pipeline).input_size
-    nms = ExportNMS(settings.conf, settings.iou, max_det) if with_nms else None
+    nms = ExportNMS(settings.options.conf, settings.options.iou, max_det) if with_nms else None
     model = model_from_state_dict(ckpt.state_dict, ckpt.variant, ckpt.num_classes, fuse=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:

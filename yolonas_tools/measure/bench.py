@@ -26,12 +26,14 @@ import torch
 from PIL import Image
 
 from yolonas import save_random_checkpoint
-from yolonas_serving.detector import Detector, Timings
+from yolonas_serving.backends import BACKENDS, cpu_has_bf16
+from yolonas_serving.detector import Detector
 from yolonas_serving.draw import encode_jpeg
-from yolonas_serving.envelope import ImageRequest, ParsedRequest
 from yolonas_serving.pipeline import COCO_PIPELINE
-from yolonas_serving.runtime import cpu_has_bf16
+from yolonas_serving.protocol.base import ImageResult
+from yolonas_serving.protocol.plain import JsonAnswer
 from yolonas_serving.settings import available_cores
+from yolonas_serving.timing import Timings
 from yolonas_tools.build import archive
 from yolonas_tools.build.backends import calibration_batches
 from yolonas_tools.cli import run_command
@@ -41,7 +43,8 @@ from yolonas_tools.measure.load import KeepAliveSession, Load, drive, in_turns, 
 from yolonas_tools.serve import server
 from yolonas_tools.serve.clients import Endpoints, authorized_request
 
-ALL_BACKENDS = ("torch", "torch-bf16", "onnx", "openvino", "openvino-bf16", "int8")
+#  Every backend a CPU runs as archived (auto resolves to one of these; cuda-fp16 needs a GPU).
+ALL_BACKENDS = tuple(name for name, row in BACKENDS.items() if row.family != "auto" and row.precision != "fp16")
 BASELINE = "torch"
 STAGES = ("decode", "preprocess", "forward", "postprocess")
 CORES = available_cores()
@@ -95,7 +98,10 @@ def peer_precision(backend: str) -> str | None:
     """The peer's precision that matches an OpenVINO backend (None for the others: no OpenVINO peer)."""
     if backend == "auto":
         backend = "openvino-bf16" if cpu_has_bf16() else "openvino"
-    precision = {"openvino": "f32", "openvino-bf16": "bf16", "int8": "int8"}.get(backend)
+    row = BACKENDS[backend]
+    if row.family != "openvino":
+        return None
+    precision = {"fp32": "f32"}.get(row.precision, row.precision)
     return "f32" if precision == "bf16" and not cpu_has_bf16() else precision
 
 
@@ -117,21 +123,19 @@ def test_jpeg(seed: int = 0) -> bytes:
 
 def handler_once(detector: Detector, jpeg: bytes) -> dict[str, float]:
     """Milliseconds per stage of one image through the in-process chain (as one TorchServe row)."""
-    start = time.perf_counter()
-    detector.decode(jpeg)
-    decoded = time.perf_counter()
-    prepared = detector.prepare(ImageRequest(jpeg))  # decodes again: preprocess = prepare - decode
-    prepared_at = time.perf_counter()
     timings = Timings()
+    with timings.stage("decode"):
+        detector.decode(jpeg)
+    with timings.stage("prepare"):
+        prepared = detector.prepare(jpeg)  # decodes again: preprocess is prepare less decode
     (found,) = detector.detect([prepared], timings)
-    detector.render(ParsedRequest([jpeg]), [prepared], [(found, prepared.transform.original_size)])
-    done = time.perf_counter()
-    decode_ms = (decoded - start) * 1000
+    with timings.stage("postprocess"):
+        JsonAnswer().render([ImageResult(found, prepared.size)], detector.model)
     return {
-        "decode": decode_ms,
-        "preprocess": (prepared_at - decoded) * 1000 - decode_ms,
-        "forward": timings.inference_ms,
-        "postprocess": (done - prepared_at) * 1000 - timings.inference_ms,
+        "decode": timings.ms["decode"],
+        "preprocess": timings.ms["prepare"] - timings.ms["decode"],
+        "forward": timings.ms["inference"],
+        "postprocess": timings.ms["postprocess"],
     }
 
 
@@ -381,7 +385,7 @@ def run(options: BenchOptions) -> None:
             write_shapes_images(calibration, 32, seed=1)
         archives = build_archives(options, store, weights, calibration)
         detectors = {backend: archive.open_archive(mar, tmp / mar.stem) for backend, mar in archives.items()}
-        tensors = {backend: d.prepare(ImageRequest(jpeg)).tensor for backend, d in detectors.items()}
+        tensors = {backend: d.prepare(jpeg).inputs[0].tensor for backend, d in detectors.items()}
         peer_tensor = peer.peer_input(jpeg) if options.peer else tensors[BASELINE][None]
         peers = build_peers(options, weights, calibration, peer_tensor)
         in_process(options, detectors, tensors, jpeg, peers, peer_tensor, rows)

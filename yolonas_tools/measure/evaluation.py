@@ -13,7 +13,6 @@ predicted them; they appear as ``null`` in results. A class with ground truth bu
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
@@ -32,9 +31,10 @@ from tqdm import tqdm
 
 from yolonas import read_checkpoint
 from yolonas_serving.detector import Detector, Prepared
-from yolonas_serving.envelope import ImageRequest, ParsedRequest
 from yolonas_serving.errors import RequestError
 from yolonas_serving.postprocess import Detections
+from yolonas_serving.protocol.base import ImageResult
+from yolonas_serving.protocol.plain import result_json
 from yolonas_serving.settings import settings_from_checkpoint
 from yolonas_tools.data.datasets import Dataset, ImageEntry, quiet
 from yolonas_tools.serve.clients import Endpoints, option_headers, predict
@@ -126,7 +126,7 @@ def server_responses(
 ) -> Iterator[dict[str, Any]]:
     """One JSON response per image, in order; ``concurrency`` requests in flight so TorchServe can batch them
     (a bounded window, so a failure stops the run instead of draining every queued image first)."""
-    headers = option_headers(options.conf, options.iou, options.max_det, None)
+    headers = option_headers({"conf": options.conf, "iou": options.iou, "max_det": options.max_det})
 
     def ask(entry: ImageEntry) -> dict[str, Any]:
         response = predict(endpoints, model, entry.path, headers, timeout=300)
@@ -161,7 +161,7 @@ def local_responses(
 
     def prepare(entry: ImageEntry) -> Prepared:
         try:
-            return detector.prepare(ImageRequest(entry.path.read_bytes(), dict(request_options)))
+            return detector.prepare(entry.path.read_bytes(), request_options)
         except RequestError as exc:
             raise EvaluationError(f"{entry.path}: {exc.message}") from None
 
@@ -169,8 +169,7 @@ def local_responses(
     while batch := list(islice(todo, batch_size)):
         prepared = [prepare(entry) for entry in batch]
         for item, found in zip(prepared, detector.detect(prepared)):
-            answer = detector.render(ParsedRequest([b""]), [item], [(found, item.transform.original_size)])
-            yield json.loads(answer.body)
+            yield {"model": detector.model.name, **result_json(ImageResult(found, item.size), detector.names)}
 
 
 # --- metrics --------------------------------------------------------------------------------------------------
@@ -390,6 +389,6 @@ def agreement(reference: list[Detections], other: list[Detections]) -> dict[str,
 def detect_all(detector: Detector, images: list[Path]) -> list[Detections]:
     found = []
     for path in images:
-        prepared = detector.prepare(ImageRequest(path.read_bytes()))
+        prepared = detector.prepare(path.read_bytes())
         found += detector.detect([prepared])
     return found

@@ -88,7 +88,7 @@ def _message(response: requests.Response) -> str:
 
 def rest_sender(endpoints: Endpoints, model: str, options: dict[str, Any], timeout: float) -> Sender:
     url = f"{endpoints.inference}/predictions/{model}"
-    extra = option_headers(options.get("conf"), options.get("iou"), options.get("max_det"), None)
+    extra = option_headers(options)
     local = threading.local()  # one connection pool per thread
 
     def send(data: bytes, file_name: str) -> dict[str, Any]:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import requests
 
+from yolonas_serving.options import OPTIONS, Flag
 from yolonas_tools.data.images import content_type
 from yolonas_tools.measure.load import KeepAliveSession, PlainResponse
 from yolonas_tools.paths import RUN_DIR
@@ -106,13 +107,10 @@ def grpc_call(endpoints: Endpoints, kind: str, rpc: Callable[..., T], request: o
 # --- REST ------------------------------------------------------------------------------------------------------
 
 
-def option_headers(conf: float | None, iou: float | None, max_det: int | None, classes: str | None) -> dict[str, str]:
-    """Options travel as X-* headers with a raw image body (TorchServe does not pass query strings on)."""
-    headers = {}
-    for name, value in (("X-Conf", conf), ("X-Iou", iou), ("X-Max-Det", max_det), ("X-Classes", classes)):
-        if value is not None:
-            headers[name] = str(value)
-    return headers
+def option_headers(options: Mapping[str, Any]) -> dict[str, str]:
+    """Options travel as their X-* headers with a raw image body (TorchServe does not pass query strings on); unset
+    (None) ones stay out."""
+    return {OPTIONS[name].header: str(value) for name, value in options.items() if value is not None}
 
 
 #  TorchServe answers these when a worker died under the request (crash, timeout, scale-down): retry once.
@@ -146,13 +144,33 @@ def print_table(image: Path, result: dict) -> None:
         print(f"  {d['class_name']:<16} {d['score']:6.3f}  ({box})")
 
 
+#  Request options the clients set by other means: --save asks for the picture, streams mark their own end.
+NOT_FLAGS = ("format", "sequence_end")
+
+
+def add_option_arguments(parser: argparse.ArgumentParser) -> None:
+    """A flag per request option of the table (``--max-det`` for ``max_det``), unset by default so the archive's
+    default holds; values go to the server as text and are checked there."""
+    for name, option in OPTIONS.items():
+        if name in NOT_FLAGS:
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{option.doc} ({option.kind.allowed})"
+        if isinstance(option.kind, Flag):
+            parser.add_argument(flag, nargs="?", const="true", metavar="true|false", help=help_text)
+        else:
+            parser.add_argument(flag, metavar=name.upper(), help=help_text)
+
+
+def request_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The request options given on the command line, by name."""
+    return {name: getattr(args, name) for name in OPTIONS if name not in NOT_FLAGS and getattr(args, name) is not None}
+
+
 def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     """Images, model and per-request options: shared by the REST and gRPC clients."""
     parser.add_argument("images", nargs="+", type=Path)
     parser.add_argument("--model", default="yolo_nas_s")
-    parser.add_argument("--conf", type=float)
-    parser.add_argument("--iou", type=float)
-    parser.add_argument("--max-det", type=int)
-    parser.add_argument("--classes", help="comma-separated class ids or names")
+    add_option_arguments(parser)
     parser.add_argument("--save", type=Path, help="write the annotated picture (a folder when several images)")
     parser.add_argument("--json", action="store_true", help="print the raw JSON responses")
