@@ -62,18 +62,18 @@ class Number:
         return text
 
     def parse(self, name: str, value: Any, strict: bool = False) -> Any:
-        text = _text(value)
+        number, text = value, _text(value)
         if text is not None and not strict:
             try:
-                value = float(text) if self.kind is float else int(text)
+                number = float(text) if self.kind is float else int(text)
             except ValueError:
                 raise OptionError(name, value, self.allowed) from None
-        typed = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not typed or not math.isfinite(value) or (self.kind is int and value != int(value)):
+        typed = isinstance(number, (int, float)) and not isinstance(number, bool)
+        if not typed or not math.isfinite(number) or (self.kind is int and number != int(number)):
             raise OptionError(name, value, self.allowed)
-        if (strict and self.kind is int and not isinstance(value, int)) or not self._in_range(value):
+        if (strict and self.kind is int and not isinstance(number, int)) or not self._in_range(number):
             raise OptionError(name, value, self.allowed)
-        return self.kind(value)
+        return self.kind(number)
 
     def _in_range(self, value: float) -> bool:
         above = self.low is None or (value > self.low if self.low_open else value >= self.low)

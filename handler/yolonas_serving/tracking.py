@@ -22,6 +22,18 @@ import numpy as np
 from .errors import RequestError
 from .postprocess import Detections
 
+#  BoT-SORT's three association stages; C-BIoU adds its buffers to the same.
+_THREE_STAGE: dict[str, Any] = {
+    "lost_track_buffer": 30,
+    "frame_rate": 30.0,
+    "track_activation_threshold": 0.7,
+    "minimum_consecutive_frames": 2,
+    "minimum_iou_threshold_first_assoc": 0.2,
+    "minimum_iou_threshold_second_assoc": 0.5,
+    "minimum_iou_threshold_unconfirmed_assoc": 0.3,
+    "high_conf_det_threshold": 0.6,
+    "instant_first_frame_activation": True,
+}
 #  Each kind's parameters with trackers 2.6.1's defaults (tests compare them with the library's signatures). The
 #  state estimator and IoU classes stay the library's. BoT-SORT's camera motion compensation is left out: it needs
 #  the frame, which the handler does not pass (without one the library silently skips it).
@@ -50,30 +62,8 @@ TRACKER_DEFAULTS: dict[str, dict[str, Any]] = {
         "high_conf_det_threshold": 0.6,
         "delta_t": 3,
     },
-    "botsort": {
-        "lost_track_buffer": 30,
-        "frame_rate": 30.0,
-        "track_activation_threshold": 0.7,
-        "minimum_consecutive_frames": 2,
-        "minimum_iou_threshold_first_assoc": 0.2,
-        "minimum_iou_threshold_second_assoc": 0.5,
-        "minimum_iou_threshold_unconfirmed_assoc": 0.3,
-        "high_conf_det_threshold": 0.6,
-        "instant_first_frame_activation": True,
-    },
-    "cbiou": {
-        "lost_track_buffer": 30,
-        "frame_rate": 30.0,
-        "track_activation_threshold": 0.7,
-        "minimum_consecutive_frames": 2,
-        "minimum_iou_threshold_first_assoc": 0.2,
-        "minimum_iou_threshold_second_assoc": 0.5,
-        "minimum_iou_threshold_unconfirmed_assoc": 0.3,
-        "high_conf_det_threshold": 0.6,
-        "instant_first_frame_activation": True,
-        "buffer_ratio_first": 0.3,
-        "buffer_ratio_second": 0.5,
-    },
+    "botsort": _THREE_STAGE,
+    "cbiou": {**_THREE_STAGE, "buffer_ratio_first": 0.3, "buffer_ratio_second": 0.5},
 }
 #  The classes behind the kinds, in the ``trackers`` package.
 TRACKER_CLASSES = {
