@@ -53,7 +53,7 @@ def test_a_bad_item_fails_alone(reference_detector, reference_dir):
     responses, timings = reference_detector.handle(rows, headers)
     assert [r.status for r in responses] == [200, 400, 400, 200]
     assert "unreadable image header" in json.loads(responses[1].body)["error"]
-    assert "conf: got 2.0; allowed: a number in [0, 1]" in json.loads(responses[2].body)["error"]
+    assert "conf: got '2'; allowed: a number in [0, 1]" in json.loads(responses[2].body)["error"]
     assert responses[0].body == responses[3].body
     assert len(timings.detections) == 2
 
