@@ -151,3 +151,12 @@ def test_a_tracker_implies_sequence_batching_and_one_box_per_object():
     assert archive.model_config(spec)["handler"]["multi_label"] is True  # asked for: kept
     spec.overrides = {}
     assert "sequenceBatching" not in archive.model_config(spec)
+
+
+def test_sequences_beyond_the_batch_size_are_refused():
+    """TorchServe 0.12 polls a worker's sequences on batchSize + 1 threads: more sequences stall for seconds."""
+    with pytest.raises(SettingsError, match="maxNumSequence 8 is above batchSize 4"):
+        check_model_config({"batchSize": 4, "sequenceBatching": True, "sequenceMaxIdleMSec": 100, "maxNumSequence": 8})
+    settings, names = settings_from_checkpoint(80, "s", None)
+    spec = archive.ArchiveSpec("s", "streams", settings, names, batch_size=2, sequence_batching=True)
+    assert archive.model_config(spec)["maxNumSequence"] == 2

@@ -146,6 +146,12 @@ def check_model_config(config: dict[str, Any]) -> None:
     settings = HandlerSettings.from_config(config.get("handler"))
     if settings.tracker != NO_TRACKER and not config.get("sequenceBatching"):
         raise SettingsError(f"tracker {settings.tracker} needs sequenceBatching: true (a tracker per sequence)")
+    sequences, batch = config.get("maxNumSequence", 1), config.get("batchSize", 1)
+    if config.get("sequenceBatching") and sequences > batch:
+        # A worker polls its sequences on batchSize + 1 threads, and an idle sequence holds one for
+        # sequenceMaxIdleMSec: the first frame of a sequence beyond batchSize waits seconds (seen: 7 s).
+        raise SettingsError(f"maxNumSequence {sequences} is above batchSize {batch}: TorchServe 0.12 would hold the "
+                            "frames of the sequences beyond batchSize for seconds; raise batchSize to match")  # fmt: skip
 
 
 @dataclass(frozen=True)

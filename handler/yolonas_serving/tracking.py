@@ -168,6 +168,7 @@ class SequenceTrackers:
             raise ValueError(f"max_sequences must be at least 1; got {max_sequences}")
         if not idle_s > 0:
             raise ValueError(f"idle_s must be above 0; got {idle_s}")
+        settings.create()  # imports the library now, not on the first frame, and fails at load if it is missing
         self.settings = settings
         self.max_sequences = max_sequences
         self.idle_s = idle_s

@@ -126,7 +126,8 @@ def model_config(spec: ArchiveSpec) -> dict:
     if tracking and "multi_label" not in asked:
         handler["multi_label"] = False  # trackers match boxes whatever their class: one box per object
     if spec.sequence_batching or tracking:
-        config.update(sequenceBatching=True, sequenceMaxIdleMSec=SEQUENCE_MAX_IDLE_MS, maxNumSequence=MAX_NUM_SEQUENCE)
+        sequences = min(MAX_NUM_SEQUENCE, spec.batch_size)  # TorchServe 0.12 stalls sequences beyond batchSize
+        config.update(sequenceBatching=True, sequenceMaxIdleMSec=SEQUENCE_MAX_IDLE_MS, maxNumSequence=sequences)
     config = {**config, **overrides, "handler": handler}
     try:
         check_model_config(config)
