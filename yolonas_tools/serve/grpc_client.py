@@ -93,9 +93,10 @@ class GrpcClient:
     def stream(
         self,
         model: str,
-        frames: Iterable[bytes],
+        frames: Iterable[bytes | tuple[bytes, Mapping[str, Any]]],
         options: Mapping[str, Any] | None = None,
         sequence_id: str | None = None,
+        check: bool = True,
     ) -> Iterator[bytes]:
         """Frames over one bidirectional StreamPredictions2 call, one response body per frame, in order.
 
@@ -103,6 +104,10 @@ class GrpcClient:
         its model-config.yaml); TorchServe 0.12 fails the call otherwise. Frames go in lock-step, the next one as soon
         as the previous answer arrives: replies carry neither the sequence id nor a request id, and TorchServe ends
         the response stream as soon as the client stops sending, dropping answers still in flight.
+
+        A frame may come with options of its own, ``(frame, {"sequence_end": "true"})``, added to ``options`` for it
+        alone. ``check=False`` yields a frame the handler refused (its ``{"error": ...}`` body) and goes on with the
+        next, as a tracking client does for a corrupt frame; a refusal by TorchServe itself still raises.
         """
         sequence_id = sequence_id or f"yolonas-{uuid.uuid4()}"
         extra = option_inputs(options)
@@ -113,8 +118,9 @@ class GrpcClient:
 
         def requests(answered: queue.Queue[bool]) -> Iterator[inference_pb2.PredictionsRequest]:
             for frame in itertools.chain([first], frames):
+                data, own = frame if isinstance(frame, tuple) else (frame, None)
                 yield inference_pb2.PredictionsRequest(
-                    model_name=model, input={"data": frame, **extra}, sequence_id=sequence_id
+                    model_name=model, input={"data": data, **extra, **option_inputs(own)}, sequence_id=sequence_id
                 )
                 if not answered.get():  # False: the call ended early
                     return
@@ -136,7 +142,7 @@ class GrpcClient:
                 answered.put(True)
                 if reply.HasField("status") and reply.status.code != 0:  # google.rpc.Status: 0 is OK
                     raise PredictionError(reply.status.message)
-                yield _checked(reply.prediction)
+                yield _checked(reply.prediction) if check else reply.prediction
         finally:
             answered.put(False)
             call.cancel()
