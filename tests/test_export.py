@@ -91,7 +91,8 @@ def test_nms_batch_layout_matches_handler_nms(model, nms_file):
     assert count.dtype == np.int64 and classes.dtype == np.int64
     with torch.no_grad():
         raw_boxes, raw_scores = model(x)
-    options = NMSOptions(conf=NMS.conf, iou=NMS.iou, pre_nms_top_k=10**6, max_det=k)
+    options = NMSOptions(conf=NMS.conf, iou=NMS.iou, pre_nms_top_k=10**6, max_det=k, multi_label=True, agnostic=False,
+                         classes=None)  # fmt: skip
     for i in range(3):
         want_boxes, want_scores, want_classes = (t.numpy() for t in select(raw_boxes[i], raw_scores[i], options))
         n = int(count[i, 0])

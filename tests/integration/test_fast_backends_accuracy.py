@@ -34,7 +34,6 @@ from PIL import Image
 
 from helpers import build_archive, predict_json
 from reference_match import unmatched
-from yolonas_serving.envelope import ImageRequest
 from yolonas_serving.postprocess import Detections
 from yolonas_tools.cli import run_command
 from yolonas_tools.data.datasets import load_dataset
@@ -185,8 +184,8 @@ def test_camera_jpeg_draft_decoding_finds_what_full_decoding_finds(endpoints, sh
 
     # Full decoding through the server is the in-process Detector's answer for the same bytes, exactly.
     detector = evaluation.local_detector(shapes_dir / "checkpoint.pth", "shapes")
-    detector.jpeg_draft = False
-    (local,) = detector.detect([detector.prepare(ImageRequest(rotated))])
+    detector.settings = replace(detector.settings, jpeg_draft=False)
+    (local,) = detector.detect([detector.prepare(rotated)])
     record = {"width": CAMERA_SIZE[0], "height": CAMERA_SIZE[1], "boxes_xyxy": local.boxes.tolist(),
               "scores": local.scores.tolist(), "class_ids": local.class_ids.tolist()}  # fmt: skip
     assert unmatched(full["detections"], record) == ([], [])
