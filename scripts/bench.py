@@ -30,6 +30,19 @@ also timed on that input, forward against forward. It installs
 nothing: modern-yolonas comes from requirements-dev.txt.
 
     python scripts/bench.py --peer --backends auto,int8 --concurrency 1,4     # about 4-8 minutes on 2 cores
+
+``--sliced [BACKENDS]`` measures sliced inference instead (``yolonas_tools/measure/sliced.py``, docs/slicing.md): a
+4000x3000 JPEG in 640 tiles on one TorchServe against (tiles+1) bare forwards of one tile in process and against
+sahi's own loop calling the same server tile by tile; backends int8,auto unless named. ``--repeats`` sets the rounds.
+
+    python scripts/bench.py --sliced --repeats 7
+
+``--tracking`` measures tracking instead (``yolonas_tools/measure/tracking_bench.py``, docs/tracking.md): frames per
+second of a ByteTrack archive through TorchServe against the same detection without a tracker, 1 and 4 streams of a
+synthetic shapes sequence; ``--weights`` must detect those shapes (the shapes reference model), ``--duration`` and
+``--rounds`` as for the served measurements, ``--store`` as above.
+
+    python scripts/bench.py --tracking --weights ../shared/reference/shapes/checkpoint.pth
 """
 
 from __future__ import annotations
@@ -42,6 +55,9 @@ from yolonas import VARIANTS
 from yolonas_serving.pipeline import PADDING_MODES
 from yolonas_tools.build import archive
 from yolonas_tools.measure.bench import ALL_BACKENDS, BASELINE, CORES, BenchError, BenchOptions, run
+from yolonas_tools.measure.sliced import DEFAULT_BACKENDS as SLICED_BACKENDS
+from yolonas_tools.measure.sliced import run_bench
+from yolonas_tools.measure.tracking_bench import TrackingBenchOptions, run_tracking
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,14 +82,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=PADDING_MODES,
         help="archives' padding (default: each backend's own, see archive.py --help)",
     )
+    parser.add_argument("--sliced", nargs="?", const=SLICED_BACKENDS, metavar="BACKENDS",
+                        help=f"sliced inference against bare forwards and sahi ({SLICED_BACKENDS})")  # fmt: skip
+    parser.add_argument("--tracking", action="store_true", help="tracked frames/s against plain detection (--weights)")
     args = parser.parse_args(argv)
     args.backends = [BASELINE] + [b for b in args.backends.split(",") if b and b != BASELINE]
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = vars(parse_args(argv))
+    sliced = args.pop("sliced")
+    tracking = args.pop("tracking")
     try:
-        run(BenchOptions(**vars(parse_args(argv))))
+        if tracking:
+            run_tracking(TrackingBenchOptions(args["weights"], args["store"], args["duration"], args["rounds"]))
+            return 0
+        if sliced:
+            run_bench(BenchOptions(**args), sliced.split(","))
+            return 0
+        run(BenchOptions(**args))
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
