@@ -261,8 +261,17 @@ def add_ratios(rows: list[dict[str, Any]]) -> float:
     return baseline
 
 
-def build_archives(options: BenchOptions, store: Path, weights: Path, calibration: Path) -> dict[str, Path]:
-    """One archive per backend: reused from ``--store`` when present, else built there."""
+def build_archives(options: BenchOptions, tmp: Path) -> tuple[dict[str, Path], Path, Path]:
+    """One archive per backend, reused from ``--store`` when present, else built there (in ``tmp`` without one) from
+    ``--weights`` (random where none), int8 calibrated on ``--calibration-images`` (synthetic shapes where none).
+    Returns the archives, the weights and the calibration images."""
+    store = options.store or tmp / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    weights = options.weights or save_random_checkpoint(tmp / f"random_{options.variant}.pth", options.variant, 80, 0)
+    calibration = options.calibration_images
+    if calibration is None:
+        calibration = tmp / "calibration"
+        write_shapes_images(calibration, 32, seed=1)
     archives = {}
     for backend in options.backends:
         name = archive.default_name(options.variant, backend)
@@ -280,7 +289,7 @@ def build_archives(options: BenchOptions, store: Path, weights: Path, calibratio
             if built != 0:
                 raise BenchError(f"could not archive the {backend} backend (the archive command's error is above)")
         archives[backend] = mar
-    return archives
+    return archives, weights, calibration
 
 
 def build_peers(options: BenchOptions, weights: Path, calibration: Path,
@@ -374,16 +383,7 @@ def run(options: BenchOptions) -> None:
     print(header, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        store = options.store or tmp / "store"
-        store.mkdir(parents=True, exist_ok=True)
-        weights = options.weights or save_random_checkpoint(
-            tmp / f"random_{options.variant}.pth", options.variant, 80, 0
-        )
-        calibration = options.calibration_images
-        if calibration is None:
-            calibration = tmp / "calibration"
-            write_shapes_images(calibration, 32, seed=1)
-        archives = build_archives(options, store, weights, calibration)
+        archives, weights, calibration = build_archives(options, tmp)
         detectors = {backend: archive.open_archive(mar, tmp / mar.stem) for backend, mar in archives.items()}
         tensors = {backend: d.prepare(jpeg).inputs[0].tensor for backend, d in detectors.items()}
         peer_tensor = peer.peer_input(jpeg) if options.peer else tensors[BASELINE][None]
@@ -391,7 +391,7 @@ def run(options: BenchOptions) -> None:
         in_process(options, detectors, tensors, jpeg, peers, peer_tensor, rows)
         del detectors
         if not options.skip_server:
-            served(options, store, archives, tmp / "run", jpeg, peers, peer_tensor, rows)
+            served(options, archives[BASELINE].parent, archives, tmp / "run", jpeg, peers, peer_tensor, rows)
     baseline = add_ratios(rows)
     for row in rows:
         print(json.dumps(row))

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from yolonas import save_random_checkpoint
 from yolonas_serving.detector import Detector
 from yolonas_serving.draw import draw_detections, encode_jpeg
 from yolonas_serving.protocol.base import ImageResult
@@ -28,7 +27,7 @@ from yolonas_serving.protocol.plain import JsonAnswer, detection_entries
 from yolonas_serving.timing import Timings
 from yolonas_tools.build import archive
 from yolonas_tools.data.datasets import load_dataset
-from yolonas_tools.data.synthetic import shapes_image, write_shapes_images
+from yolonas_tools.data.synthetic import shapes_image
 from yolonas_tools.measure.bench import CORES, BenchOptions, build_archives, cpu_description, load
 from yolonas_tools.measure.load import KeepAliveSession, in_turns
 from yolonas_tools.serve import server
@@ -277,16 +276,10 @@ def run_bench(options: BenchOptions, backends: list[str]) -> None:
     print(header, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        store = options.store or tmp / "store"
-        store.mkdir(parents=True, exist_ok=True)
-        weights = options.weights or save_random_checkpoint(tmp / "random.pth", options.variant, 80, 0)
-        calibration = options.calibration_images
-        if calibration is None:
-            calibration = tmp / "calibration"
-            write_shapes_images(calibration, 32, seed=1)
-        archives = build_archives(replace(options, backends=backends), store, weights, calibration)
+        archives, _, _ = build_archives(replace(options, backends=backends), tmp)
         detectors = {backend: archive.open_archive(mar, tmp / mar.stem) for backend, mar in archives.items()}
         models = {backend: mar.stem for backend, mar in archives.items()}
+        store = next(iter(archives.values())).parent
         endpoints = server.start(tmp / "run", store, models=list(models.values()), ports=server.free_ports())
         try:
             rows = measure_sliced(options, detectors, models, endpoints, jpeg)
