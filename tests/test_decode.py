@@ -49,35 +49,55 @@ def test_gif_first_frame():
     assert pixels.shape == (10, 20, 3) and tuple(pixels[0, 0]) == (255, 0, 0)
 
 
-def test_exif_orientation_is_applied():
-    image = gradient(40, 20)
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    decoded = decode_image(encode(image, "JPEG", exif=exif, quality=95))
-    assert decoded.pixels.shape == (40, 20, 3)
-    assert decoded.original_size == (20, 40)
-
-
-@pytest.mark.parametrize(
-    "orientation, red_rows, red_cols",
-    [
-        (6, slice(0, 10), slice(10, 20)),  # rotate 90 degrees clockwise: the stored top-left ends top-right
-        (8, slice(30, 40), slice(0, 10)),  # rotate 90 degrees counter-clockwise: it ends bottom-left
-    ],
+#  Six colours far apart, in 2 rows x 3 columns of blocks: no flip or rotation maps this picture onto itself.
+BLOCK_COLOURS = np.array(
+    [[(230, 30, 30), (30, 200, 30), (30, 30, 230)], [(240, 230, 20), (230, 30, 230), (20, 220, 230)]], dtype=np.uint8
 )
-def test_exif_rotations_turn_the_right_way(orientation: int, red_rows: slice, red_cols: slice):
-    """By content, not shape: a red block in the stored top-left corner (blue elsewhere) of a 40x20 picture."""
-    stored = np.zeros((20, 40, 3), dtype=np.uint8)
-    stored[...] = (0, 0, 255)
-    stored[:10, :10] = (255, 0, 0)
+#  How to store the upright picture so that a viewer honouring EXIF orientation N shows it upright. The tag says where
+#  the stored row 0 and column 0 belong when displayed (EXIF 2.32, 4.6.4 A): 2 column 0 on the right (mirrored),
+#  3 upside down, 4 row 0 at the bottom (flipped), 5 row 0 on the left and column 0 at the top (transposed), 6 row 0
+#  on the right (the viewer turns it 90 degrees clockwise), 7 row 0 on the right and column 0 at the bottom
+#  (transverse), 8 row 0 on the left (the viewer turns it counter-clockwise).
+STORED_AS = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1, :],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, 1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, -1),
+}
+
+
+def blocks(block: int) -> np.ndarray:
+    """The upright picture: 2 x 3 blocks of ``block`` pixels, wider than high."""
+    return BLOCK_COLOURS.repeat(block, axis=0).repeat(block, axis=1)
+
+
+def with_orientation(upright: np.ndarray, orientation: int, fmt: str) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
-    pixels = decode_image(encode(Image.fromarray(stored), "JPEG", exif=exif, quality=95)).pixels.astype(int)
-    assert pixels.shape == (40, 20, 3)
-    red = np.zeros((40, 20), dtype=bool)
-    red[red_rows, red_cols] = True
-    assert np.abs(pixels[red] - (255, 0, 0)).mean() < 20
-    assert np.abs(pixels[~red] - (0, 0, 255)).mean() < 20
+    stored = np.ascontiguousarray(STORED_AS[orientation](upright))
+    return encode(Image.fromarray(stored), fmt, exif=exif, **({"quality": 95} if fmt == "JPEG" else {}))
+
+
+@pytest.mark.parametrize("orientation", STORED_AS)
+def test_every_exif_orientation_decodes_upright_in_a_lossless_format(orientation: int):
+    upright = blocks(8)
+    decoded = decode_image(with_orientation(upright, orientation, "PNG"))
+    np.testing.assert_array_equal(decoded.pixels, upright)
+    assert decoded.original_size == (24, 16)
+
+
+@pytest.mark.parametrize("orientation", STORED_AS)
+def test_every_exif_orientation_decodes_upright_from_a_reduced_size_jpeg(orientation: int):
+    """A camera's JPEG, decoded at half size (the pipeline's draft decoding): each block's colour where it belongs,
+    and the full upright size reported."""
+    decoded = decode_image(with_orientation(blocks(64), orientation, "JPEG"), min_longest_side=96)
+    assert decoded.pixels.shape == (64, 96, 3) and decoded.original_size == (192, 128)
+    block_means = decoded.pixels.reshape(2, 32, 3, 32, 3)[:, 4:-4, :, 4:-4].mean(axis=(1, 3))
+    np.testing.assert_allclose(block_means, BLOCK_COLOURS, atol=12)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from yolonas_tools.cli import run_command
 
 ort = pytest.importorskip("onnxruntime")
 
-BOX_ATOL, SCORE_ATOL = 0.1, 1e-3  # ../shared/reference/README.md
+BOX_ATOL, SCORE_ATOL = 0.05, 2e-4  # the fp32 claim against super-gradients; measured here 0.0008 px, 4.3e-6
 SIZE = (160, 224)  # small and non-square: fast, and catches swapped axes
 
 
@@ -81,6 +81,18 @@ def test_export_script_writes_one_file(nms_file):
     assert session(nms_file).get_inputs()[0].shape == ["batch", 3, *SIZE]
 
 
+def assert_same_detections(got: tuple[np.ndarray, ...], want: tuple[np.ndarray, ...]) -> None:
+    """One image's (boxes, scores, classes) against another's, order-independently (equal scores may come in either
+    order): every detection has its partner of the same class, box and score, and none is left over."""
+    left = list(zip(*want))
+    for box, score, cls in zip(*got):
+        partner = next((i for i, (b, s, c) in enumerate(left) if c == cls and abs(s - score) <= SCORE_ATOL
+                        and np.abs(b - box).max() <= BOX_ATOL), None)  # fmt: skip
+        assert partner is not None, f"class {cls} score {score:.4f} box {box} has no partner in {left[:3]}"
+        left.pop(partner)
+    assert not left, f"{len(left)} detections missing, first {left[0]}"
+
+
 def test_nms_batch_layout_matches_handler_nms(model, nms_file):
     sess = session(nms_file)
     assert [o.name for o in sess.get_outputs()] == ["num_predictions", "boxes", "scores", "classes"]
@@ -97,27 +109,30 @@ def test_nms_batch_layout_matches_handler_nms(model, nms_file):
         want_boxes, want_scores, want_classes = (t.numpy() for t in select(raw_boxes[i], raw_scores[i], options))
         n = int(count[i, 0])
         assert n == len(want_scores)
-        np.testing.assert_allclose(scores[i, :n], want_scores, rtol=0, atol=SCORE_ATOL)  # both sorted by score
-        # Equal scores may come in either order: compare as sets of (class, box).
-        got = sorted(zip(classes[i, :n].tolist(), np.round(boxes[i, :n], 1).tolist()))
-        want = sorted(zip(want_classes.tolist(), np.round(want_boxes, 1).tolist()))
-        assert [g[0] for g in got] == [w[0] for w in want]
-        np.testing.assert_allclose([g[1] for g in got], [w[1] for w in want], rtol=0, atol=BOX_ATOL + 0.1)
+        assert (np.diff(scores[i, :n]) <= 0).all(), "sorted by score"
+        assert_same_detections((boxes[i, :n], scores[i, :n], classes[i, :n]), (want_boxes, want_scores, want_classes))
         assert (scores[i, n:] == 0).all() and (classes[i, n:] == -1).all() and (boxes[i, n:] == 0).all()
     assert count[:2].min() > 0, "the test images should give detections"
+    assert len(set(classes[:2][classes[:2] >= 0].tolist())) > 1, "detections of several classes"
 
 
 def test_nms_eager_module_equals_graph(model, nms_file):
     """DetectorWithNMS in PyTorch is what the graph computes (export_onnx.py checks files with it)."""
     x = images(2, *SIZE, seed=3)
     with torch.no_grad():
-        expected = DetectorWithNMS(model, NMS)(x)
-    got = session(nms_file).run(None, {"images": x.numpy()})
-    np.testing.assert_array_equal(got[0], expected[0].numpy())
-    np.testing.assert_allclose(got[2], expected[2].numpy(), rtol=0, atol=SCORE_ATOL)
+        expected = [t.numpy() for t in DetectorWithNMS(model, NMS)(x)]
+    count, boxes, scores, classes = session(nms_file).run(None, {"images": x.numpy()})
+    np.testing.assert_array_equal(count, expected[0])
+    assert count.min() > 0, "the test images should give detections"
+    for i, n in enumerate(count[:, 0]):
+        assert_same_detections((boxes[i, :n], scores[i, :n], classes[i, :n]),
+                               (expected[1][i, :n], expected[2][i, :n], expected[3][i, :n]))  # fmt: skip
 
 
-def test_export_script_refuses_bad_size(random_checkpoint, tmp_path):
-    with pytest.raises(SystemExit):
+def test_export_script_refuses_bad_size(random_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
         run_command("export_onnx", ["--variant", "s", "--weights", str(random_checkpoint("s")),
                                     "--input-size", "100", "128", "--out", str(tmp_path / "x.onnx")])  # fmt: skip
+    assert exc.value.code == 2
+    assert "error: --input-size: height and width must be positive multiples of 32" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -1,13 +1,19 @@
 """The repository is installed in editable mode (scripts/setup.sh): its packages import from any folder, and a
-worker still imports ``yolonas`` and ``yolonas_serving`` from its archive, not from the checkout."""
+worker still imports ``yolonas`` and ``yolonas_serving`` from its archive, not from the checkout. Under ``CI=true``
+the suite's conftest.py fails a run that skips for anything but a missing CUDA device, so CI proves the installation
+complete."""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import pytest
 
 from helpers import REPO
 
@@ -56,3 +62,96 @@ def test_yolonas_serve_lists_every_command_and_runs_them(tmp_path: Path):
     assert made.returncode == 0 and out.is_file(), made.stderr
     unknown = subprocess.run([command, "no_such_command"], capture_output=True, text=True, timeout=60)
     assert unknown.returncode == 2 and "unknown command 'no_such_command'" in unknown.stderr
+
+
+# -- the suite's skip policy (tests/conftest.py) --------------------------------------------------------------------
+
+SKIPPING_TESTS = """
+import pytest
+from helpers import require
+
+
+def test_runs():
+    pass
+
+
+@pytest.mark.skipif(True, reason="no CUDA device")
+def test_needs_a_gpu():
+    pass
+
+
+def test_needs_a_missing_module():
+    pytest.importorskip("no_such_module_for_the_skip_policy")
+
+
+def test_needs_reference_data(tmp_path):
+    require(tmp_path / "absent")
+"""
+SKIPPED_MODULE = """
+import pytest
+
+pytest.importorskip("another_missing_module")
+
+
+def test_never_collected():
+    pass
+"""
+
+
+@pytest.fixture
+def run_suite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """run(ci, *args) -> (exit code, output): pytest, in this process, on the two files above under a copy of this
+    suite's conftest.py, with or without CI=true (in process: a subprocess would spend seconds importing torch)."""
+    for name in ("conftest.py", "helpers.py"):
+        shutil.copy(REPO / "tests" / name, tmp_path / name)
+    (tmp_path / "test_skipping.py").write_text(SKIPPING_TESTS)
+    (tmp_path / "test_skipped_module.py").write_text(SKIPPED_MODULE)
+    monkeypatch.chdir(tmp_path)
+    # The inner run imports its conftest and test files by bare name and puts tmp_path on sys.path: put back ours.
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setitem(sys.modules, "conftest", sys.modules["conftest"])
+
+    def run(ci: bool, *args: str) -> tuple[int, str]:
+        if ci:
+            monkeypatch.setenv("CI", "true")
+        else:
+            monkeypatch.delenv("CI", raising=False)
+        code = pytest.main(["-p", "no:cacheprovider", "-s", "-rA", *args])
+        for name, module in list(sys.modules.items()):
+            if tmp_path in Path(getattr(module, "__file__", None) or "/").parents:
+                del sys.modules[name]  # imported afresh by the next run, with its own CI setting
+        return code, capsys.readouterr().out
+
+    return run
+
+
+def test_under_ci_a_skip_fails_unless_it_is_for_cuda(run_suite):
+    code, out = run_suite(True, "test_skipping.py")
+    assert code == pytest.ExitCode.TESTS_FAILED, out
+    assert "PASSED test_skipping.py::test_runs" in out
+    assert re.search(r"SKIPPED \[1\] test_skipping.py:\d+: no CUDA device", out), out
+    only_cuda = "skipped under CI=true, where only a missing CUDA device may skip"
+    assert (f"FAILED test_skipping.py::test_needs_a_missing_module - {only_cuda}: could not import "
+            "'no_such_module_for_the_skip_policy'") in out  # fmt: skip
+    assert f"FAILED test_skipping.py::test_needs_reference_data - {only_cuda}: reference data not found" in out
+    assert "2 failed, 1 passed, 1 skipped" in out
+
+
+def test_under_ci_a_module_skipped_at_collection_fails_the_run(run_suite):
+    code, out = run_suite(True, "test_skipped_module.py", "test_skipping.py", "-k", "runs or gpu")
+    assert code == pytest.ExitCode.TESTS_FAILED, out
+    assert "1 passed, 2 skipped, 2 deselected" in out
+    summary = out.split("= 2 skipped (CI=true) =", 1)[1].splitlines()
+    assert "    1 x no CUDA device" in summary
+    assert ("    1 x could not import 'another_missing_module': No module named 'another_missing_module'  [fails the "
+            "run: CI=true allows only CUDA skips]") in summary  # fmt: skip
+    assert "1 of these skips fail the run: CI=true allows only CUDA skips" in summary
+
+
+def test_without_ci_skips_pass_and_are_summed_up_by_reason(run_suite):
+    code, out = run_suite(False)
+    assert code == pytest.ExitCode.OK, out
+    summary = out.split("= 4 skipped =", 1)[1].splitlines()
+    assert "    1 x no CUDA device" in summary
+    assert "    1 x could not import 'another_missing_module': No module named 'another_missing_module'" in summary
+    assert not [line for line in summary if "fails the run" in line]

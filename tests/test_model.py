@@ -19,9 +19,10 @@ from helpers import REPO
 from yolonas import build_model, fuse_model, load_model, summarize
 from yolonas.blocks import QARepVGGBlock
 
-#  From ../shared/reference/README.md.
-BOX_ATOL = 0.1
-SCORE_ATOL = 1e-3
+#  The README's claim for the torch backend against super-gradients (../shared/reference/README.md allows 0.1 px and
+#  1e-3). Measured on the reference input, 2 threads: 0.034 px / 8.5e-5 unfused, 0.028 px / 9.1e-5 fused.
+BOX_ATOL = 0.05
+SCORE_ATOL = 2e-4
 
 #  From ../shared/notes/yolonas.md: super-gradients' counts, rbr_reparam placeholders included.
 KEYS = {"s": 921, "m": 965, "l": 1097}

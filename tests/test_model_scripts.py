@@ -52,12 +52,17 @@ def test_make_random_weights(tmp_path, capsys, random_checkpoint):
     assert differing > 0.9 * len(floats), (differing, len(floats))
 
 
-@pytest.mark.parametrize("args", [["--variant", "x"], ["--variant", "s", "--num-classes", "0"], ["--variant", "s"]])
-def test_make_random_weights_rejects_bad_arguments(tmp_path, args):
+@pytest.mark.parametrize("args, message", [
+    (["--variant", "x"], "argument --variant: invalid choice: 'x' (choose from 's', 'm', 'l')"),
+    (["--variant", "s", "--num-classes", "0"], "--num-classes must be at least 1"),
+    (["--variant", "s"], "the following arguments are required: --out"),
+])  # fmt: skip
+def test_make_random_weights_rejects_bad_arguments(tmp_path, capsys, args, message):
     out = [] if args == ["--variant", "s"] else ["--out", str(tmp_path / "w.pth")]
     with pytest.raises(SystemExit) as exc:
         run_command("make_random_weights", args + out)
     assert exc.value.code == 2
+    assert f"error: {message}" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
@@ -124,7 +129,8 @@ def test_model_info_rejects_bad_image_size(capsys, size):
     with pytest.raises(SystemExit) as exc:
         run_command("model_info", ["--image-size", *size])
     assert exc.value.code == 2
-    assert "multiples of 32" in capsys.readouterr().err
+    message = f"error: image size {size[0]}x{size[1]}: both sides must be positive multiples of 32"
+    assert message in capsys.readouterr().err
 
 
 # -- get_weights.py -------------------------------------------------------------------------------------------------

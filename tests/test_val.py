@@ -11,6 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from helpers import MAP_TOLERANCE
 from yolonas_serving.postprocess import Detections
 from yolonas_tools.cli import run_command
 from yolonas_tools.data.datasets import DatasetError, label_path, load_dataset
@@ -294,8 +295,8 @@ def test_shapes_reproduces_super_gradients_map_in_process(shapes_dir: Path, tmp_
     assert run_command("val", argv) == 0
     report = json.loads(out.read_text())
     assert report["images"] == expected["images"] and report["instances"] == expected["gt_boxes"]
-    assert report["metrics"]["mAP50-95"] == pytest.approx(expected["mAP50-95"], abs=0.005)
-    assert report["metrics"]["mAP50"] == pytest.approx(expected["mAP50"], abs=0.005)
+    assert report["metrics"]["mAP50-95"] == pytest.approx(expected["mAP50-95"], abs=MAP_TOLERANCE)
+    assert report["metrics"]["mAP50"] == pytest.approx(expected["mAP50"], abs=MAP_TOLERANCE)
     assert [c["name"] for c in report["classes"]] == ["circle", "square", "triangle", "ring_rect"]
     assert report["options"] == {"conf": 0.001, "iou": 0.7, "max_det": 300}
     printed = capsys.readouterr()

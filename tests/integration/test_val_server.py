@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers import build_archive
+from helpers import MAP_TOLERANCE, build_archive
 from yolonas_tools.cli import run_command
 from yolonas_tools.data.datasets import load_dataset
 from yolonas_tools.measure import evaluation
@@ -36,8 +36,8 @@ def test_server_reproduces_super_gradients_and_in_process_numbers(
             "--out", str(out)]  # fmt: skip
     assert run_command("val", argv) == 0
     served = json.loads(out.read_text())
-    assert served["metrics"]["mAP50-95"] == pytest.approx(expected["mAP50-95"], abs=0.005)
-    assert served["metrics"]["mAP50"] == pytest.approx(expected["mAP50"], abs=0.005)
+    assert served["metrics"]["mAP50-95"] == pytest.approx(expected["mAP50-95"], abs=MAP_TOLERANCE)
+    assert served["metrics"]["mAP50"] == pytest.approx(expected["mAP50"], abs=MAP_TOLERANCE)
     assert served["source"] == f"server {endpoints.inference}"
     assert "WARNING" not in capsys.readouterr().err  # class names and image sizes agree with the dataset
 
