@@ -100,6 +100,14 @@ def seconds_left(entry: dict[str, str], now: datetime | None = None) -> float | 
     return None if expiry is None else (expiry - (now or datetime.now(UTC))).total_seconds()
 
 
+def expired_keys(key_file: Path) -> list[str]:
+    """One phrase per key of ``key_file`` whose expiration time has passed, saying how long ago."""
+    keys = read_keys(key_file)
+    lefts = {kind: seconds_left(keys[kind]) for kind in KINDS}
+    return [f"the {kind} key expired {-left / 60:.1f} min ago" for kind, left in lefts.items()
+            if left is not None and left <= 0]  # fmt: skip
+
+
 def renew(management: str, api_key: str, kind: str) -> None:
     response = requests.post(
         f"{management}/token", params={"type": kind}, headers={"Authorization": f"Bearer {api_key}"}, timeout=30
