@@ -1,5 +1,7 @@
 """What super-gradients 3.7.1's predict() does with a Trainer checkpoint's processing_params, written out
-independently of the product code so tests can hold the served answers against it.
+independently of the product code so tests can hold the served answers against it for steps the reference data does
+not cover. A rewrite, not super-gradients: test_finetuned.py holds it to super-gradients' own predict.json, and the
+README's parity claims rest on ../shared/reference (yolo_nas_s, and the shapes model's mAP), not on it.
 
 super-gradients' ``models.get(..., checkpoint_path=...)`` reads ``processing_params`` and its ``predict()``:
 1. runs ComposeProcessing's steps in order on the RGB uint8 HWC image: ReverseImageChannels flips to BGR;

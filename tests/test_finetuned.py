@@ -1,5 +1,10 @@
-"""Fine-tuned (Trainer) checkpoints: their processing_params drive preprocessing, names and thresholds, and the
-detections equal what super-gradients' predict() would give (tests/sg_oracle.py spells that out)."""
+"""Fine-tuned (Trainer) checkpoints: their processing_params drive preprocessing, names and thresholds.
+
+That a Trainer checkpoint answers as super-gradients would rests on the shapes model, a checkpoint super-gradients'
+Trainer wrote: its settings come from its processing_params (here), and its mAP equals super-gradients' own
+(tests/test_val.py in process, tests/integration/test_val_server.py served). The steps it does not use (channel
+reversal, plain rescale, normalisation, centre and automatic padding) are checked against tests/sg_oracle.py, an
+independent rewrite of super-gradients' predict(), itself held here to super-gradients' own predict.json."""
 
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ from PIL import Image
 
 import sg_oracle
 from reference_match import unmatched
-from yolonas import random_model, read_checkpoint
+from yolonas import load_model, random_model, read_checkpoint
+from yolonas_serving.classes import default_names
 from yolonas_serving.detector import Detector
 from yolonas_serving.settings import settings_from_checkpoint
 from yolonas_tools.cli import run_command
@@ -88,6 +94,31 @@ def png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_a_checkpoint_of_super_gradients_trainer_keeps_its_processing_params(shapes_dir):
+    params = read_checkpoint(shapes_dir / "checkpoint.pth").processing_params
+    settings, names = settings_from_checkpoint(4, "s", params)
+    assert settings.pipeline == params["image_processor"]["ComposeProcessing"]["processings"]
+    assert settings.pipeline[1] == {"DetectionBottomRightPadding": {"output_shape": [320, 320], "pad_value": 114}}
+    assert names == params["class_names"] == ["circle", "square", "triangle", "ring_rect"]
+    assert (settings.options.conf, settings.options.iou) == (params["conf"], params["iou"]) == (0.25, 0.7)
+    assert settings.preprocessing_source == "checkpoint processing_params"
+
+
+def test_the_oracle_reproduces_super_gradients_predict(reference_dir):
+    """sg_oracle.predict() on the reference checkpoint, with the steps and thresholds predict.json records, finds
+    what super-gradients' predict() found, within the torch backend's tolerance (reference_match)."""
+    recorded = json.loads((reference_dir / "predict.json").read_text())
+    steps = [{step["type"]: {k: v for k, v in step.items() if k != "type"}} for step in recorded["preprocessing"]]
+    params = {"class_names": default_names(80), "image_processor": {"ComposeProcessing": {"processings": steps}},
+              "conf": recorded["predict_params"]["conf"], "iou": recorded["predict_params"]["iou"]}  # fmt: skip
+    model = load_model(reference_dir / "checkpoint.pth", fuse=False)
+    for record in recorded["images"]:
+        image = np.asarray(Image.open(reference_dir / record["file"]).convert("RGB"))
+        expected = sg_oracle.predict(model, image, params)
+        assert len(expected) == record["num_detections"]
+        assert unmatched(expected, record) == ([], []), record["file"]
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES)

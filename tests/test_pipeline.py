@@ -34,8 +34,12 @@ def image(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 
 def test_coco_pipeline_matches_super_gradients_records(reference_dir):
-    """predict.json records the scale and padding super-gradients used for each reference image."""
-    for record in json.loads((reference_dir / "predict.json").read_text())["images"]:
+    """predict.json records the steps super-gradients' predict() ran, and the scale and padding it used for each
+    reference image."""
+    recorded = json.loads((reference_dir / "predict.json").read_text())
+    steps = [{"type": name, **args} for step in COCO_PIPELINE.to_spec() for name, args in step.items()]
+    assert steps == recorded["preprocessing"]
+    for record in recorded["images"]:
         tensor, transform = COCO_PIPELINE(image(record["height"], record["width"]))
         pre = record["preprocess"]
         top, bottom, left, right = pre["pad_top_bottom_left_right"]

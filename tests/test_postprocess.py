@@ -1,6 +1,9 @@
-"""NMS and mapping back, against hand-made cases with known answers."""
+"""NMS and mapping back, against hand-made cases with known answers; the defaults against what super-gradients'
+predict() recorded in the reference data."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -8,6 +11,7 @@ import torch
 
 from yolonas_serving.options import RequestOptions
 from yolonas_serving.postprocess import NMSOptions, postprocess, select
+from yolonas_serving.settings import HandlerSettings
 from yolonas_serving.steps import BoxTransform
 
 
@@ -74,3 +78,14 @@ def test_boxes_map_back_and_clip_after_nms():
     result = postprocess(boxes, scores, [transform], [nms()])[0]
     np.testing.assert_allclose(result.boxes, [[0, 0, 100, 40], [180, 60, 200, 100]])
     assert result.class_ids.dtype == np.int64
+
+
+def test_the_defaults_are_those_super_gradients_predict_ran_with(reference_dir):
+    """The README says the defaults are super-gradients' (conf, iou, max_det; multi-label, 1024 candidates into a
+    class-aware NMS): predict.json records the parameters its predict() ran with."""
+    recorded = json.loads((reference_dir / "predict.json").read_text())["predict_params"]
+    settings = HandlerSettings()
+    options = settings.options
+    assert recorded == {"conf": options.conf, "iou": options.iou, "nms_top_k": settings.pre_nms_top_k,
+                        "max_predictions": options.max_det, "multi_label_per_box": settings.multi_label,
+                        "class_agnostic_nms": options.agnostic}  # fmt: skip
