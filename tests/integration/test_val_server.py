@@ -4,12 +4,14 @@ super-gradients' own mAP (expected.json) and the in-process Detector's numbers."
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
-from helpers import MAP_TOLERANCE, build_archive
+from helpers import MAP_TOLERANCE, REPO, build_archive
 from yolonas_tools.cli import run_command
 from yolonas_tools.data.datasets import load_dataset
 from yolonas_tools.measure import evaluation
@@ -52,8 +54,11 @@ def test_server_reproduces_super_gradients_and_in_process_numbers(
     assert [c.ap50_95 for c in local.classes] == pytest.approx([c["AP50-95"] for c in served["classes"]], abs=1e-4)
 
 
-def test_an_unknown_model_stops_validation_with_the_server_error(endpoints, shapes_dir, capsys):
-    data = shapes_dir / "val" / "data.yaml"
+def test_an_unknown_model_stops_validation_with_the_server_error(endpoints, tmp_path: Path, capsys):
+    (tmp_path / "images" / "val").mkdir(parents=True)
+    shutil.copy(REPO / "assets" / "sample.jpg", tmp_path / "images" / "val")
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml.safe_dump({"path": ".", "val": "images/val", "names": {0: "person"}}))
     argv = ["--model", "no_such_model", "--data", str(data), "--run-dir", str(endpoints.run_dir)]
     assert run_command("val", argv) == 1
     assert "HTTP 404" in capsys.readouterr().err
