@@ -107,6 +107,7 @@ def run_suite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Ca
     (tmp_path / "test_skipping.py").write_text(SKIPPING_TESTS)
     (tmp_path / "test_skipped_module.py").write_text(SKIPPED_MODULE)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)  # the outer run's options (-x, say) would change the counts
     # The inner run imports its conftest and test files by bare name and puts tmp_path on sys.path: put back ours.
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setitem(sys.modules, "conftest", sys.modules["conftest"])
