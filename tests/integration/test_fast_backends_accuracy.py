@@ -1,8 +1,12 @@
 """What the fast backends and draft decoding cost in accuracy, measured through the session's TorchServe on the
 trained shapes model (../shared/reference/shapes; skipped where absent).
 
-- ``auto`` (OpenVINO bf16 on a CPU with native bf16, fp32 elsewhere) and ``int8`` (NNCF, calibrated on a few
-  synthetic shapes images, not the val images), archived with their defaults, are served and validated with
+- The reduced-precision backends (``torch-bf16``, ``openvino-bf16``, ``auto``: OpenVINO bf16 on a CPU with native
+  bf16, fp32 elsewhere; ``int8``: NNCF, calibrated on a few synthetic shapes images, not the val images), archived
+  with their defaults, answer the val images box by box as fp32 torch does, as ``scripts/backend_accuracy.py``
+  measures: at least 90% of the boxes matched, with a mean IoU of at least 0.9; where the CPU has no native bf16,
+  the bf16 rows and auto compute in fp32 and agree with fp32 torch all but exactly.
+- ``auto`` and ``int8`` are served and validated with
   ``scripts/val.py --server``: their mAP50-95 stays within 0.005 (auto) and 0.01 (int8) of super-gradients' own fp32
   number (expected.json). The square val images give the same input with either padding.
 - Their default minimal padding (the input follows the picture's shape) keeps that accuracy on wide pictures: on
@@ -22,11 +26,11 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 import requests
 import yaml
@@ -34,42 +38,82 @@ from PIL import Image
 
 from helpers import build_archive, predict_json
 from reference_match import unmatched
+from yolonas_serving.backends import cpu_has_bf16
 from yolonas_serving.postprocess import Detections
 from yolonas_tools.cli import run_command
 from yolonas_tools.data.datasets import load_dataset
 from yolonas_tools.data.synthetic import write_shapes_images
 from yolonas_tools.measure import evaluation
-from yolonas_tools.measure.evaluation import agreement
+from yolonas_tools.measure.evaluation import agreement, detections_from_response
 from yolonas_tools.serve import server
 
 pytest.importorskip("openvino")
 
 #  mAP50-95 may fall this far below super-gradients' fp32 number (the issue's bounds).
 TOLERANCE = {"auto": 0.005, "int8": 0.01}
+#  Reduced precision against fp32 on the same images (the issue's bounds; scripts/backend_accuracy.py measured int8
+#  0.979 matched with a mean IoU of 0.989, bf16 on a CPU with native bf16 1.000 and 0.997).
+MIN_MATCHED = 0.9
+MIN_MEAN_IOU = 0.9
+REDUCED = {"torch-bf16": "shapes_bf16_torch", "openvino-bf16": "shapes_bf16_openvino", "auto": "shapes_fast_auto",
+           "int8": "shapes_fast_int8"}  # fmt: skip
 CALIBRATION_IMAGES = 16
 CAMERA_SIZE = (4000, 3000)  # width, height as seen after orientation
 
 
 @pytest.fixture(scope="module")
-def shapes_models(ts_server, model_store: Path, shapes_dir: Path, tmp_path_factory):
-    """Name -> model on the session server: the shapes checkpoint as auto and int8 (minimal padding, their default),
-    torch, and torch without draft decoding."""
+def shapes_models(ts_server, model_store: Path, shapes_dir: Path, shapes_archive: Path, tmp_path_factory):
+    """Names of the models on the session server: the shapes checkpoint as torch (the session's archive, draft
+    decoding on), torch without draft decoding, and the reduced-precision backends (REDUCED) with their defaults
+    (auto and int8: minimal padding)."""
     pytest.importorskip("nncf")
     checkpoint = shapes_dir / "checkpoint.pth"
     calibration = tmp_path_factory.mktemp("calibration")
     write_shapes_images(calibration, CALIBRATION_IMAGES, seed=1)
     flags = {
-        "shapes_fast_auto": ["--backend", "auto"],
-        "shapes_fast_int8": ["--backend", "int8", "--calibration-images", str(calibration)],
-        "shapes_draft": [],
+        REDUCED["torch-bf16"]: ["--backend", "torch-bf16"],
+        REDUCED["openvino-bf16"]: ["--backend", "openvino-bf16"],
+        REDUCED["auto"]: ["--backend", "auto"],
+        REDUCED["int8"]: ["--backend", "int8", "--calibration-images", str(calibration)],
         "shapes_full_decode": ["--set", "jpeg_draft=false"],
     }
     for name, extra in flags.items():
         build_archive(checkpoint, model_store, name, *extra)
         server.register(ts_server, name)
-    yield list(flags)
-    for name in flags:
+    server.register(ts_server, shapes_archive.name, name="shapes_draft")
+    names = [*flags, "shapes_draft"]
+    yield names
+    for name in names:
         requests.delete(f"{ts_server.management}/models/{name}", headers=ts_server.auth("management"), timeout=60)
+
+
+def served_detections(endpoints, model: str, images: list[Path]) -> list[Detections]:
+    """Each image's detections from ``model`` at the archive's defaults, four requests in flight."""
+    with ThreadPoolExecutor(4) as pool:
+        bodies = pool.map(lambda image: predict_json(endpoints, model, image.read_bytes(), "image/png"), images)
+        return [detections_from_response(body) for body in bodies]
+
+
+@pytest.fixture(scope="module")
+def val_images(shapes_dir: Path) -> list[Path]:
+    return [entry.path for entry in load_dataset(shapes_dir / "val" / "data.yaml").images]
+
+
+@pytest.fixture(scope="module")
+def fp32_detections(ts_server, shapes_models, val_images: list[Path]) -> list[Detections]:
+    return served_detections(ts_server, "shapes_draft", val_images)
+
+
+@pytest.mark.parametrize("backend", list(REDUCED))
+def test_reduced_precision_agrees_with_fp32_box_by_box(endpoints, fp32_detections, val_images, backend: str):
+    """Matched greedily by class at IoU >= 0.5 (evaluation.agreement, as scripts/backend_accuracy.py measures)."""
+    found = agreement(fp32_detections, served_detections(endpoints, REDUCED[backend], val_images))
+    assert found["detections_fp32"] >= len(val_images), "the shapes model finds the val images' shapes"
+    assert found["matched"] >= MIN_MATCHED and found["mean_iou"] >= MIN_MEAN_IOU, (backend, found)
+    if backend != "int8" and not cpu_has_bf16():
+        # Without native bf16 these compute in fp32 (torch falls back, OpenVINO keeps f32): float noise at most.
+        assert found["matched"] >= 0.99 and found["mean_iou"] >= 0.999, (backend, found)
+        assert found["max_score_diff"] <= 1e-3, (backend, found)
 
 
 def served_map(endpoints, model: str, data: Path, out: Path) -> float:
@@ -164,15 +208,6 @@ def camera_jpeg(shapes_dir: Path) -> tuple[bytes, bytes]:
     return rotated.getvalue(), upright.getvalue()
 
 
-def as_detections(body: dict) -> Detections:
-    found = body["detections"]
-    return Detections(
-        np.array([d["box"] for d in found], dtype=np.float32).reshape(-1, 4),
-        np.array([d["score"] for d in found], dtype=np.float32),
-        np.array([d["class_id"] for d in found], dtype=np.int64),
-    )
-
-
 def test_camera_jpeg_draft_decoding_finds_what_full_decoding_finds(endpoints, shapes_models, shapes_dir: Path):
     rotated, upright = camera_jpeg(shapes_dir)
     with Image.open(io.BytesIO(rotated)) as image:
@@ -191,10 +226,13 @@ def test_camera_jpeg_draft_decoding_finds_what_full_decoding_finds(endpoints, sh
     assert unmatched(full["detections"], record) == ([], [])
 
     # EXIF orientation is honoured: the stored-rotated JPEG finds what the upright one finds, where it finds it.
-    straight = agreement([as_detections(predict_json(endpoints, "shapes_full_decode", upright))], [as_detections(full)])
+    straight = agreement(
+        [detections_from_response(predict_json(endpoints, "shapes_full_decode", upright))],
+        [detections_from_response(full)],
+    )
     assert straight["matched"] == 1.0 and straight["mean_iou"] > 0.95
 
     # Draft decoding (1/8 of each side here) moves boxes by resampling noise only.
-    same = agreement([as_detections(full)], [as_detections(draft)])
+    same = agreement([detections_from_response(full)], [detections_from_response(draft)])
     assert same["matched"] == 1.0, same
     assert same["mean_iou"] > 0.95 and same["max_score_diff"] < 0.1, same

@@ -68,7 +68,7 @@ def test_handler_errors_raise_prediction_error(client, images):
     # TorchServe answers these with status OK and the handler's error body; the client must not pass them on.
     with pytest.raises(PredictionError, match="not an image"):
         client.predict(MODEL, b"definitely not an image")
-    with pytest.raises(PredictionError, match=r"conf: got 7; allowed: a number in \[0, 1\]"):
+    with pytest.raises(PredictionError, match=r"conf: got '7'; allowed: a number in \[0, 1\]"):
         client.predict(MODEL, images[0], {"conf": 7})
 
 

@@ -1,5 +1,6 @@
 """Scaling under load on the session TorchServe: yolo_nas_s goes 1 -> 2 -> 1 workers through the REST management
-API, then through gRPC, while clients keep sending requests; none may be lost. Also what an extra worker costs in memory
+API, then through gRPC, while two clients keep sending requests, each its own image; none may be lost, and each gets
+its own image's answer. Also what an extra worker costs in memory
 (the numbers are printed: run with -s; M and L only with YOLONAS_ALL_VARIANTS=1, their archives take minutes to build).
 
 TorchServe 0.12 does not drain a worker it scales down: the batch that worker is running fails with 500 "Worker died."
@@ -26,8 +27,10 @@ import grpc
 import psutil
 import pytest
 import requests
+from answers import as_record
 
-from helpers import build_archive
+from helpers import build_archive, predict_json
+from reference_match import unmatched
 from yolonas_tools.serve import server
 from yolonas_tools.serve.grpc_client import GrpcClient
 
@@ -38,20 +41,21 @@ SCALE_DOWN_RACE = "java.util.ConcurrentModificationException"  # TorchServe 0.12
 
 
 class Load:
-    """Clients posting one image back to back until stopped; every final outcome is kept, and every retry."""
+    """Clients posting back to back until stopped, each its own image, and checking each answer against the one that
+    image got alone; every final outcome is kept (200 only for the right answer), and every retry."""
 
-    def __init__(self, endpoints, image: bytes, clients: int = 2):
-        self.endpoints, self.image = endpoints, image
+    def __init__(self, endpoints, images: list[bytes], expected: list[dict]):
+        self.endpoints, self.images, self.expected = endpoints, images, expected
         self.outcomes: list[int | str] = []
         self.retried: list[str] = []
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(len(images))]
 
-    def _send(self) -> int | str:
+    def _send(self, client: int) -> int | str:
         try:
             response = requests.post(
                 f"{self.endpoints.inference}/predictions/{MODEL}",
-                data=self.image,
+                data=self.images[client],
                 headers={**self.endpoints.auth(), "Content-Type": "image/png"},
                 timeout=REQUEST_TIMEOUT_S,
             )
@@ -59,14 +63,23 @@ class Load:
             return f"dropped: {exc!r}"
         except requests.RequestException as exc:
             return repr(exc)
-        return 200 if response.status_code == 200 else f"{response.status_code} {response.text[:200]}"
+        if response.status_code != 200:
+            return f"{response.status_code} {response.text[:200]}"
+        body = response.json()
+        expected = self.expected[client]
+        if body["image_size"] != expected["image_size"] or unmatched(body["detections"], as_record(expected)) != (
+            [],
+            [],
+        ):
+            return f"client {client} got another answer than its image's: {body['image_size']}"
+        return 200
 
-    def _run(self) -> None:
+    def _run(self, client: int) -> None:
         while not self._stop.is_set():
-            outcome = self._send()
+            outcome = self._send(client)
             if outcome != 200 and (SCALED_DOWN_BATCH in outcome or outcome.startswith("dropped")):
                 self.retried.append(outcome)
-                outcome = self._send()
+                outcome = self._send(client)
             self.outcomes.append(outcome)
 
     def wait_for_answers(self, count: int = 1, timeout: float = 300) -> None:
@@ -147,9 +160,11 @@ def wait_for_workers(endpoints, name: str, count: int, timeout: float = 120) -> 
 
 
 def test_scaling_under_load_loses_no_request(endpoints, reference_dir: Path):
-    image = (reference_dir / "images" / "img_a_h480_w640.png").read_bytes()
+    images = [(reference_dir / "images" / name).read_bytes() for name in ("img_a_h480_w640.png", "img_b_h800_w600.png")]
+    expected = [predict_json(endpoints, MODEL, image, "image/png") for image in images]
+    assert expected[0]["image_size"] != expected[1]["image_size"], "a mix-up must show"
     races: list[str] = []
-    with GrpcClient(endpoints) as client, Load(endpoints, image) as load:
+    with GrpcClient(endpoints) as client, Load(endpoints, images, expected) as load:
         scalers = {
             "REST": lambda n: rest_scale(endpoints, MODEL, n, races),
             "gRPC": lambda n: grpc_scale(client, endpoints, MODEL, n, races),

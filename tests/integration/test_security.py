@@ -1,5 +1,6 @@
 """Security of the shipped setup, checked on the session TorchServe: token auth on every REST and gRPC API, key
-rotation, archives only from the model store, no unpickling of untrusted objects, loopback-only sockets."""
+rotation (and the clients' retry across one), archives only from the model store, no unpickling of untrusted objects,
+loopback-only sockets."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import os
 import re
 import threading
 import zipfile
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import grpc
@@ -22,6 +25,8 @@ from google.protobuf import empty_pb2
 
 from yolonas_tools.generated import inference_pb2, inference_pb2_grpc, management_pb2, management_pb2_grpc
 from yolonas_tools.serve import server
+from yolonas_tools.serve.clients import authorized_request
+from yolonas_tools.serve.grpc_client import GrpcClient
 from yolonas_tools.serve.keys import read_key
 
 MODEL = "yolo_nas_s"
@@ -278,3 +283,70 @@ def test_keys_rotate_through_the_token_api(endpoints, image):
         assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
         reply = stub.Predictions(request, metadata=(("authorization", f"Bearer {new['inference']}"),), timeout=120)
         assert json.loads(reply.prediction)["detections"]
+
+
+class RotatingSession(requests.Session):
+    """A client session whose calls are recorded (key sent, status); before the calls numbered in ``rotate_before``
+    it rotates the key through the token API, after the client has read the key and before the call leaves: the
+    call carries a key TorchServe no longer accepts, as when the renewer replaces it while a call is on its way."""
+
+    def __init__(self, rotate: Callable[[], None], rotate_before: set[int]):
+        super().__init__()
+        self.rotate, self.rotate_before = rotate, rotate_before
+        self.sent: list[tuple[str, int]] = []
+
+    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
+        if len(self.sent) in self.rotate_before:
+            self.rotate()
+        response = super().request(method, url, *args, **kwargs)
+        self.sent.append((kwargs["headers"]["Authorization"], response.status_code))
+        return response
+
+
+def rotating_rpc(rpc: Callable[..., Any], rotate: Callable[[], None], sent: list[str]) -> Callable[..., Any]:
+    """``rpc`` that rotates the key before its first call leaves and records the key of every call (see
+    RotatingSession)."""
+
+    def call(request: object, metadata: tuple, **kwargs: Any) -> Any:
+        if not sent:
+            rotate()
+        sent.append(dict(metadata)["authorization"])
+        return rpc(request, metadata=metadata, **kwargs)
+
+    return call
+
+
+def test_clients_retry_once_with_a_key_rotated_in_the_middle_of_their_session(endpoints, image):
+    """The clients of yolonas_tools.serve read the key for every call and, when TorchServe refuses it because it
+    was replaced meanwhile, read the new one and send once more (clients.with_key): a REST session and a gRPC
+    client go on across a rotation through POST /token, each refused call retried with the new key."""
+    api_key = read_key(endpoints.run_dir / "key_file.json", "API")
+
+    def rotate(kind: str) -> Callable[[], None]:
+        def post() -> None:
+            response = requests.post(f"{endpoints.management}/token", params={"type": kind}, headers=bearer(api_key),
+                                     timeout=30)  # fmt: skip
+            assert response.status_code == 200, response.text
+
+        return post
+
+    url = f"{endpoints.inference}/predictions/{MODEL}"
+    with RotatingSession(rotate("inference"), rotate_before={1}) as session:
+        for _ in range(3):
+            response = authorized_request(endpoints, "POST", url, session=session, data=image,
+                                          headers={"Content-Type": "image/png"}, timeout=120)  # fmt: skip
+            assert response.status_code == 200 and response.json()["detections"], response.text
+    keys = [key for key, _ in session.sent]
+    assert [status for _, status in session.sent] == [200, 400, 200, 200]  # the second call retried once
+    assert keys[0] == keys[1] != keys[2] == keys[3] == f"Bearer {endpoints.key('inference')}"
+
+    with GrpcClient(endpoints) as client:
+        sent: dict[str, list[str]] = {"inference": [], "management": []}
+        client.inference.Predictions = rotating_rpc(client.inference.Predictions, rotate("inference"),
+                                                    sent["inference"])  # fmt: skip
+        client.management.DescribeModel = rotating_rpc(client.management.DescribeModel, rotate("management"),
+                                                       sent["management"])  # fmt: skip
+        assert json.loads(client.predict(MODEL, image))["detections"]
+        assert client.describe(MODEL)[0]["modelName"] == MODEL
+    for kind, keys in sent.items():
+        assert len(keys) == 2 and keys[0] != keys[1] == f"Bearer {endpoints.key(kind)}", (kind, keys)

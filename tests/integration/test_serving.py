@@ -9,8 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
+from answers import as_record
 
-from helpers import build_archive
+from helpers import REPO, build_archive
 from reference_match import unmatched
 from yolonas_tools.measure import bench
 from yolonas_tools.measure.load import Load
@@ -43,23 +44,37 @@ def _metric(endpoints, name: str, model: str) -> float | None:
 
 
 def test_concurrent_requests_form_one_batch_and_a_corrupt_item_fails_alone(endpoints, reference_dir: Path):
-    """Four concurrent requests within a long batch delay reach the handler as one batch of four; the corrupt one
-    gets 400 with a message while its batch-mates get their detections. Then the model is unregistered."""
+    """Four concurrent requests within a long batch delay reach the handler as one batch of four: three different
+    images, each answered with its own detections (what it gets alone), and a corrupt one that gets 400 with a
+    message. Then the model is unregistered."""
+    images = [(reference_dir / "images" / name).read_bytes() for name in ("img_b_h800_w600.png", "img_a_h480_w640.png")]
+    images.append((REPO / "assets" / "sample.jpg").read_bytes())
+    alone = []
+    for image in images:
+        response = post_image(endpoints, "yolo_nas_s", image, "application/octet-stream")
+        assert response.status_code == 200, response.text
+        alone.append(response.json())
+    assert len({tuple(body["image_size"]) for body in alone}) == len(images), "a mix-up must show"
     server.register(endpoints, "yolo_nas_s", name="batched", batch_size=4, max_batch_delay=5000)
-    good = (reference_dir / "images" / "img_b_h800_w600.png").read_bytes()
-    bodies = [good, good, b"\x89PNG\r\n\x1a\n this is not really a png", good]
-    with ThreadPoolExecutor(4) as pool:
-        responses = list(pool.map(lambda body: post_image(endpoints, "batched", body), bodies))
-    assert [r.status_code for r in responses] == [200, 200, 400, 200], [r.text[:200] for r in responses]
-    assert "error" in responses[2].json()
-    assert responses[0].json() == responses[1].json() == responses[3].json()
-    assert _metric(endpoints, "YoloNASBatchSize", "batched") == 4.0
-    assert _metric(endpoints, "YoloNASImages", "batched") == 3.0
-
-    management = endpoints.auth("management")
-    deleted = requests.delete(f"{endpoints.management}/models/batched", headers=management, timeout=60)
+    try:
+        bodies = [images[0], images[1], b"\x89PNG\r\n\x1a\n this is not really a png", images[2]]
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(
+                pool.map(lambda body: post_image(endpoints, "batched", body, "application/octet-stream"), bodies)
+            )
+        assert [r.status_code for r in responses] == [200, 200, 400, 200], [r.text[:200] for r in responses]
+        assert "error" in responses[2].json()
+        for response, expected in zip((responses[0], responses[1], responses[3]), alone, strict=True):
+            body = response.json()
+            assert body["image_size"] == expected["image_size"]
+            assert unmatched(body["detections"], as_record(expected)) == ([], [])
+        assert _metric(endpoints, "YoloNASBatchSize", "batched") == 4.0
+        assert _metric(endpoints, "YoloNASImages", "batched") == 3.0
+    finally:
+        management = endpoints.auth("management")
+        deleted = requests.delete(f"{endpoints.management}/models/batched", headers=management, timeout=60)
     assert deleted.status_code == 200, deleted.text
-    assert post_image(endpoints, "batched", good).status_code == 404
+    assert post_image(endpoints, "batched", images[0]).status_code == 404
 
 
 def test_logs_keep_lifecycle_lines_but_not_per_request_chatter(endpoints, reference_dir: Path):

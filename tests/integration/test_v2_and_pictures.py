@@ -192,3 +192,35 @@ def test_v2_grpc_several_images(oip_server, image_path: Path, reference_dir: Pat
         columns = {"boxes": boxes[slot, :n].tolist(), "scores": scores[slot, :n].tolist(),
                    "class_ids": ids[slot, :n].tolist(), "class_names": names[slot, :n].tolist()}  # fmt: skip
         assert_same_detections(columns, plain(oip_server, images[slot])["detections"])
+
+
+def test_v2_grpc_refuses_a_missing_or_wrong_key(oip_server, image_path: Path):
+    """The OIP gRPC service sits behind TorchServe's token check like its own APIs: no key, a made-up one and the
+    management key are refused with PERMISSION_DENIED; the inference key then works on the same channel."""
+    tensor = oip.ModelInferRequest.InferInputTensor(
+        name="image",
+        datatype="BYTES",
+        shape=[1],
+        contents=oip.InferTensorContents(bytes_contents=[image_path.read_bytes()]),
+    )
+    infer = oip.ModelInferRequest(model_name=MODEL, inputs=[tensor])
+    refused = (
+        (),
+        (("authorization", "Bearer wrong-key"),),
+        (("authorization", f"Bearer {oip_server.key('management')}"),),
+    )
+    with grpc.insecure_channel(oip_server.grpc_inference) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        for rpc, request in ((stub.ModelInfer, infer), (stub.ModelReady, oip.ModelReadyRequest(name=MODEL))):
+            for metadata in refused:
+                with pytest.raises(grpc.RpcError) as error:
+                    rpc(request, metadata=metadata, timeout=60)
+                assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED, (
+                    request,
+                    metadata,
+                    error.value.details(),
+                )
+        reply = stub.ModelInfer(
+            infer, metadata=(("authorization", f"Bearer {oip_server.key('inference')}"),), timeout=120
+        )
+    assert {o.name for o in reply.outputs} == set(OUTPUTS)

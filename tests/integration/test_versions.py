@@ -18,25 +18,23 @@ MODEL = "canary"
 
 
 @pytest.fixture(scope="module")
-def two_versions(tmp_path_factory: pytest.TempPathFactory, random_checkpoint):
-    """canary 1.0 (the archive's defaults) and canary 2.0 (max_det 1 and one more setting through --set), registered
-    under one name: 1.0 first, so it is the default."""
-    store = tmp_path_factory.mktemp("store_versions")
+def two_versions(ts_server, s_archive: Path, model_store: Path, tmp_path_factory, random_checkpoint):
+    """canary 1.0 (the session's archive: archive.py's default version and settings) and canary 2.0 (--version 2.0,
+    max_det 1 and one more setting through --set, from the same checkpoint), registered under one name on the session
+    server: 1.0 first, so it is the default."""
     staging = tmp_path_factory.mktemp("staging_versions")
-    build_archive(random_checkpoint("s"), staging, MODEL, "--version", "1.0")
-    (staging / f"{MODEL}.mar").rename(store / f"{MODEL}_1.0.mar")
     build_archive(random_checkpoint("s"), staging, MODEL, "--version", "2.0", "--set", "max_det=1",
                   "--set", "responseTimeout=90")  # fmt: skip
-    (staging / f"{MODEL}.mar").rename(store / f"{MODEL}_2.0.mar")
-    run_dir = tmp_path_factory.mktemp("run_versions")
-    endpoints = server.start(run_dir, store, ports=server.free_ports())
+    canary = (staging / f"{MODEL}.mar").rename(model_store / f"{MODEL}_2.0.mar")
     try:
-        for version in ("1.0", "2.0"):
-            server.register(endpoints, f"{MODEL}_{version}.mar", name=MODEL)
-        with GrpcClient(endpoints) as client:
-            yield endpoints, client
+        for archive in (s_archive, canary):
+            server.register(ts_server, archive.name, name=MODEL)
+        with GrpcClient(ts_server) as client:
+            yield ts_server, client
     finally:
-        server.stop(run_dir)
+        for version in ("2.0", "1.0"):  # the default version goes last
+            requests.delete(f"{ts_server.management}/models/{MODEL}/{version}",
+                            headers=ts_server.auth("management"), timeout=60)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
