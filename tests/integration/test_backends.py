@@ -1,8 +1,8 @@
-"""Every CPU backend archived by scripts/archive.py and served by TorchServe with the same contract: onnx and
-openvino (fp32) answer what torch answers; every backend, int8 (calibrated on synthetic images) and auto included,
-answers concurrent requests for different images, batched, each with its own image's answer. S at 320x320 keeps it
-quick; M and L are measured by scripts/bench.py, and what reduced precision costs by test_fast_backends_accuracy.py on
-a trained model (these seeded random weights give scores that mean nothing)."""
+"""Every CPU backend archived by scripts/archive.py and served by TorchServe with the same contract, on the trained
+shapes model (the session's archives of it, at its 320x320 input): onnx and openvino (fp32) answer what torch answers;
+every backend, int8 (calibrated on synthetic images) and auto included, answers concurrent requests for different
+images, batched, each with its own image's answer. M and L are measured by scripts/bench.py, and what reduced
+precision costs by test_fast_backends_accuracy.py."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ import requests
 from answers import as_record
 from PIL import Image
 
-from helpers import build_archive, predict_json
+from helpers import predict_json
 from reference_match import unmatched
 from yolonas_tools.cli import run_command
-from yolonas_tools.data.synthetic import shapes_image, write_shapes_images
+from yolonas_tools.data.synthetic import shapes_image
 from yolonas_tools.serve import server
 
 pytest.importorskip("onnxruntime")
@@ -31,31 +31,20 @@ BACKENDS = ("torch", "onnx", "openvino", "int8", "auto")
 
 
 @pytest.fixture(scope="module")
-def served(ts_server, random_checkpoint, model_store, converted_archives, fast_input, tmp_path_factory):
-    """backend -> model name, each archived from the same checkpoint and registered on the session server."""
-    pytest.importorskip("nncf")
-    checkpoint = random_checkpoint("s")
-    images = write_shapes_images(tmp_path_factory.mktemp("calibration"), 4, seed=3)[0].parent
-    int8 = ["--variant", "s", "--weights", str(checkpoint), "--backend", "int8", "--calibration-images", str(images),
-            "--export-path", str(model_store), *fast_input]  # fmt: skip
-    assert run_command("archive", int8) == 0  # through the default name, as a user would
-    archives = {
-        **converted_archives,
-        "torch": build_archive(checkpoint, model_store, "backend_torch", *fast_input),
-        "int8": model_store / "yolo_nas_s_int8.mar",
-        "auto": build_archive(checkpoint, model_store, "backend_auto", "--backend", "auto", *fast_input),
-    }
-    names = {backend: archives[backend].stem for backend in BACKENDS}
-    for name in names.values():
-        server.register(ts_server, name)
-    yield names
+def served(ts_server, shapes_archive, converted_archives, reduced_precision_archives):
+    """backend -> model name, each an archive of the same checkpoint, registered on the session server."""
+    archives = {"torch": shapes_archive, **converted_archives, **reduced_precision_archives}
+    names = {backend: f"backend_{backend}" for backend in BACKENDS}
+    for backend, name in names.items():
+        server.register(ts_server, archives[backend].name, name=name)
+    yield {backend: (name, archives[backend]) for backend, name in names.items()}
     for name in names.values():
         requests.delete(f"{ts_server.management}/models/{name}", headers=ts_server.auth("management"), timeout=60)
 
 
 @pytest.fixture(scope="module")
 def images() -> list[bytes]:
-    """Four different synthetic pictures, each of its own height."""
+    """Four different synthetic shapes pictures, each of its own height."""
     pictures = []
     for seed in range(4):
         buffer = io.BytesIO()
@@ -64,7 +53,7 @@ def images() -> list[bytes]:
     return pictures
 
 
-def test_archives_hold_what_their_backend_loads(served, model_store):
+def test_archives_hold_what_their_backend_loads(served):
     expected = {
         "torch": ("weights.pth", set()),
         "onnx": ("model.onnx", set()),
@@ -72,8 +61,8 @@ def test_archives_hold_what_their_backend_loads(served, model_store):
         "int8": ("model.xml", {"model.bin"}),
         "auto": ("weights.pth", {"openvino.xml", "openvino.bin"}),
     }
-    for backend, name in served.items():
-        with zipfile.ZipFile(model_store / f"{name}.mar") as mar:
+    for backend, (_, archive) in served.items():
+        with zipfile.ZipFile(archive) as mar:
             files = set(mar.namelist())
             manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
             config = mar.read("model-config.yaml").decode()
@@ -87,11 +76,12 @@ def test_archives_hold_what_their_backend_loads(served, model_store):
 
 def test_float_backends_answer_what_torch_answers(endpoints, served, images):
     for image in images:
-        reference = predict_json(endpoints, served["torch"], image, "image/png")
-        assert reference["detections"], "the seeded model should find boxes in every test image"
+        reference = predict_json(endpoints, served["torch"][0], image, "image/png")
+        assert reference["detections"], "the shapes model should find the shapes of every test image"
         for backend in ("onnx", "openvino"):
-            body = predict_json(endpoints, served[backend], image, "image/png")
-            assert body["model"] == served[backend] and body["image_size"] == reference["image_size"]
+            name = served[backend][0]
+            body = predict_json(endpoints, name, image, "image/png")
+            assert body["model"] == name and body["image_size"] == reference["image_size"]
             assert unmatched(body["detections"], as_record(reference)) == ([], []), backend
 
 
@@ -99,7 +89,7 @@ def test_every_backend_answers_concurrent_requests_each_with_its_own_image(endpo
     """Concurrent requests for four different images reach each worker in batches; every answer is the one its
     image gets alone, so a batch that mixed images or answers up would fail."""
     order = [0, 1, 2, 3, 3, 2, 1, 0]  # each image twice, never next to itself
-    for backend, name in served.items():
+    for backend, (name, _) in served.items():
         alone = [predict_json(endpoints, name, image, "image/png") for image in images]
         for i, j in combinations(range(len(images)), 2):  # so that a mix-up shows
             assert alone[i]["image_size"] != alone[j]["image_size"]

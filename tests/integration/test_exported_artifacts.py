@@ -1,5 +1,5 @@
 """The documented way out of TorchServe: the unzip commands of the README and docs take the ONNX and OpenVINO files
-out of real archives (the session's, at 320x320), and ONNX Runtime and OpenVINO load them and agree."""
+out of real archives (the session's, of the shapes model), and ONNX Runtime and OpenVINO load them and agree."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from helpers import REPO
 
 ort = pytest.importorskip("onnxruntime")
 ov = pytest.importorskip("openvino")
-SIZE = 320  # the session archives' network input (conftest.FAST_INPUT); file names do not depend on it
+SIZE = 320  # the shapes model's network input
+CLASSES = 4  # circle, square, triangle, ring_rect
 
 
 def documented_unzip_commands() -> list[str]:
@@ -41,7 +42,7 @@ def test_documented_unzip_commands_extract_loadable_models(converted_archives, t
     session = ort.InferenceSession(str(onnx / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"]
     boxes, scores = session.run(["boxes", "scores"], {"images": batch})
-    assert boxes.shape[0] == scores.shape[0] == 2 and boxes.shape[2] == 4 and scores.shape[2] == 80
+    assert boxes.shape[0] == scores.shape[0] == 2 and boxes.shape[2] == 4 and scores.shape[2] == CLASSES
     # f32 explicitly: OpenVINO would otherwise compute in bf16 on CPUs that have it.
     compiled = ov.Core().compile_model(str(openvino / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     result = compiled(batch)

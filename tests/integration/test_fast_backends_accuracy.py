@@ -42,7 +42,6 @@ from yolonas_serving.backends import cpu_has_bf16
 from yolonas_serving.postprocess import Detections
 from yolonas_tools.cli import run_command
 from yolonas_tools.data.datasets import load_dataset
-from yolonas_tools.data.synthetic import write_shapes_images
 from yolonas_tools.measure import evaluation
 from yolonas_tools.measure.evaluation import agreement, detections_from_response
 from yolonas_tools.serve import server
@@ -57,33 +56,30 @@ MIN_MATCHED = 0.9
 MIN_MEAN_IOU = 0.9
 REDUCED = {"torch-bf16": "shapes_bf16_torch", "openvino-bf16": "shapes_bf16_openvino", "auto": "shapes_fast_auto",
            "int8": "shapes_fast_int8"}  # fmt: skip
-CALIBRATION_IMAGES = 16
 CAMERA_SIZE = (4000, 3000)  # width, height as seen after orientation
 
 
 @pytest.fixture(scope="module")
-def shapes_models(ts_server, model_store: Path, shapes_dir: Path, shapes_archive: Path, tmp_path_factory):
+def shapes_models(ts_server, model_store: Path, shapes_dir: Path, shapes_archive: Path, reduced_precision_archives):
     """Names of the models on the session server: the shapes checkpoint as torch (the session's archive, draft
     decoding on), torch without draft decoding, and the reduced-precision backends (REDUCED) with their defaults
-    (auto and int8: minimal padding)."""
-    pytest.importorskip("nncf")
-    checkpoint = shapes_dir / "checkpoint.pth"
-    calibration = tmp_path_factory.mktemp("calibration")
-    write_shapes_images(calibration, CALIBRATION_IMAGES, seed=1)
-    flags = {
+    (auto and int8, the session's archives: minimal padding)."""
+    archives = {
+        "shapes_draft": shapes_archive,
+        REDUCED["auto"]: reduced_precision_archives["auto"],
+        REDUCED["int8"]: reduced_precision_archives["int8"],
+    }
+    built = {
         REDUCED["torch-bf16"]: ["--backend", "torch-bf16"],
         REDUCED["openvino-bf16"]: ["--backend", "openvino-bf16"],
-        REDUCED["auto"]: ["--backend", "auto"],
-        REDUCED["int8"]: ["--backend", "int8", "--calibration-images", str(calibration)],
         "shapes_full_decode": ["--set", "jpeg_draft=false"],
     }
-    for name, extra in flags.items():
-        build_archive(checkpoint, model_store, name, *extra)
-        server.register(ts_server, name)
-    server.register(ts_server, shapes_archive.name, name="shapes_draft")
-    names = [*flags, "shapes_draft"]
-    yield names
-    for name in names:
+    for name, flags in built.items():
+        archives[name] = build_archive(shapes_dir / "checkpoint.pth", model_store, name, *flags)
+    for name, archive in archives.items():
+        server.register(ts_server, archive.name, name=name)
+    yield list(archives)
+    for name in archives:
         requests.delete(f"{ts_server.management}/models/{name}", headers=ts_server.auth("management"), timeout=60)
 
 
@@ -165,9 +161,9 @@ def widened(ts_server, shapes_models, widened_data: Path, tmp_path_factory) -> t
 
 
 @pytest.mark.parametrize("backend", ["auto", "int8"])
-def test_minimal_padding_keeps_map_on_wide_pictures(endpoints, widened, model_store: Path, tmp_path: Path,
+def test_minimal_padding_keeps_map_on_wide_pictures(endpoints, widened, reduced_precision_archives, tmp_path: Path,
                                                     backend: str):  # fmt: skip
-    with zipfile.ZipFile(model_store / f"shapes_fast_{backend}.mar") as archive:
+    with zipfile.ZipFile(reduced_precision_archives[backend]) as archive:
         pipeline = yaml.safe_load(archive.read("model-config.yaml"))["handler"]["pipeline"]
     assert [next(iter(step)) for step in pipeline][:2] == ["DetectionLongestMaxSizeRescale", "DetectionAutoPadding"]
     data, fixed_fp32 = widened

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -126,21 +127,25 @@ def test_stream_of_frames_equals_single_predictions(client, endpoints, images, r
         client.unregister(name)
 
 
-def test_cli(endpoints, images, reference_dir: Path, tmp_path: Path):
+def test_cli(endpoints, images, reference_dir: Path):
     env = dict(os.environ, YOLONAS_RUN_DIR=str(endpoints.run_dir))
     image = reference_dir / "images" / "img_a_h480_w640.png"
+    commands = {
+        "predict": ["predict", str(image), "--conf", "0.4", "--json"],
+        "list": ["list"],
+        "describe": ["describe", MODEL],
+        "describe unknown": ["describe", "nothing_here"],
+    }
 
-    def cli(*args: str) -> str:
-        done = subprocess.run([sys.executable, str(REPO / "scripts" / "grpc_client.py"), *args],
+    def cli(args: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "scripts" / "grpc_client.py"), *args],
                               env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        return done.stdout
 
-    assert json.loads(cli("predict", str(image), "--conf", "0.4", "--json")) == rest_predict(
-        endpoints, images[0], {"X-Conf": "0.4"}
-    )
-    assert MODEL in cli("list")
-    assert json.loads(cli("describe", MODEL))[0]["modelName"] == MODEL
-    failed = subprocess.run([sys.executable, str(REPO / "scripts" / "grpc_client.py"), "describe", "nothing_here"],
-                            env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert failed.returncode == 1 and "NOT_FOUND" in failed.stderr
+    with ThreadPoolExecutor(len(commands)) as pool:  # independent commands: their start-ups overlap
+        done = dict(zip(commands, pool.map(cli, commands.values()), strict=True))
+    for name in ("predict", "list", "describe"):
+        assert done[name].returncode == 0, (name, done[name].stderr)
+    assert json.loads(done["predict"].stdout) == rest_predict(endpoints, images[0], {"X-Conf": "0.4"})
+    assert MODEL in done["list"].stdout
+    assert json.loads(done["describe"].stdout)[0]["modelName"] == MODEL
+    assert done["describe unknown"].returncode == 1 and "NOT_FOUND" in done["describe unknown"].stderr
