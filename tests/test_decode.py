@@ -175,6 +175,8 @@ def test_decompression_bomb_is_refused_before_decoding():
     """A 20000x20000 PNG compresses to a few hundred KB; its header alone must get it refused."""
     bomb = encode(Image.new("L", (20000, 20000)), "PNG", optimize=True)
     assert len(bomb) < 1_000_000
-    with pytest.raises(RequestError, match="decompression bomb") as info:
+    # PIL's own bomb check is a process-wide setting that sahi (imported by the slicing tests) turns off; the
+    # pixel limit read from the header refuses it either way.
+    with pytest.raises(RequestError, match=r"decompression bomb|= 400000000 pixels; the limit is 40000000") as info:
         decode_image(bomb)
     assert info.value.status == 413
