@@ -3,6 +3,7 @@ as a user builds them, and archive copies with other settings."""
 
 from __future__ import annotations
 
+import functools
 import os
 import zipfile
 from pathlib import Path
@@ -32,9 +33,16 @@ def require(path: Path) -> Path:
     return path
 
 
+@functools.cache
+def checkpoint_variant(checkpoint: Path) -> str:
+    """The variant a checkpoint holds, read once per session (reading takes seconds; the same few checkpoints are
+    archived many times)."""
+    return read_checkpoint(checkpoint).variant
+
+
 def build_archive(checkpoint: Path, store: Path, name: str, *flags: str) -> Path:
     """Run scripts/archive.py as a user would."""
-    variant = read_checkpoint(checkpoint).variant
+    variant = checkpoint_variant(Path(checkpoint))
     assert run_command("archive", ["--variant", variant, "--weights", str(checkpoint), "--model-name", name,
                                    "--export-path", str(store), *flags]) == 0  # fmt: skip
     return store / f"{name}.mar"
