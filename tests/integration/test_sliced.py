@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -56,9 +57,9 @@ def numpy_merge():
 
 
 @pytest.fixture(scope="module")
-def sliced_server(tmp_path_factory: pytest.TempPathFactory, random_checkpoint) -> Endpoints:
+def sliced_server(tmp_path_factory: pytest.TempPathFactory, random_checkpoint, shapes_archive: Path) -> Endpoints:
     store = tmp_path_factory.mktemp("sliced_store")
-    build_archive(require(SHAPES) / "checkpoint.pth", store, SHAPES_MODEL)
+    shutil.copy(shapes_archive, store / f"{SHAPES_MODEL}.mar")  # the session's shapes archive, not built again
     build_archive(random_checkpoint("s"), store, COCO_MODEL, "--set", f"max_tiles={MAX_TILES}")
     build_archive(SHAPES / "checkpoint.pth", store, SLICED_BY_DEFAULT, "--set", "slice=320", "--set", "overlap=0.25")
     run_dir = tmp_path_factory.mktemp("sliced_run")
